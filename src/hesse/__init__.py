@@ -1,0 +1,41 @@
+"""hesse: the Hessian in deep learning, for PyTorch.
+
+Exact curvature products (Hessian, GGN, Fisher) as matrix-free linear operators, the spectral
+toolkit on top of them, second-order optimizers, Hessian-aware compression and sharpness
+tracking.
+"""
+
+from ._checks import NonFiniteError
+from .objective import Objective
+from .operators import (
+    CurvatureOperator,
+    DenseOperator,
+    DiagonalOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    IdentityOperator,
+    LinearOperator,
+    LowRankOperator,
+    aslinearoperator,
+    hessian_of,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CurvatureOperator",
+    "DenseOperator",
+    "DiagonalOperator",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "IdentityOperator",
+    "LinearOperator",
+    "LowRankOperator",
+    "NonFiniteError",
+    "Objective",
+    "__version__",
+    "aslinearoperator",
+    "hessian_of",
+]

@@ -1,0 +1,383 @@
+"""The function whose curvature we take: model + loss + data (+ regulariser).
+
+.. math::
+    L(\\theta) = \\frac{1}{c} \\sum_{b} \\ell(f(X_b; \\theta), y_b) \\cdot |b|_\\text{norm}
+                 + \\tfrac{1}{2}\\,\\mathrm{wd}\\,\\lVert\\theta\\rVert^2 + R(\\theta)
+
+With ``reduction="mean"`` the value is the mean over all ``N`` samples (exactly what the loss
+would give on the concatenated data), not the mean of batch means: batch ``b`` of size ``B_b``
+gets weight ``B_b / N``. With ``reduction="sum"`` every batch has weight 1. Under
+``torch.distributed`` ``N`` is the global count over all ranks and products are all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import NonFiniteError, check_finite, check_nonnegative, warn_once
+
+__all__ = ["Objective", "resolve_params"]
+
+_BN = (nn.modules.batchnorm._BatchNorm,)
+_DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def resolve_params(model: nn.Module, params: Any = None) -> dict[str, Tensor]:
+    """Resolve a parameter selection to an ordered ``name -> tensor`` dict.
+
+    ``params`` may be ``None`` (every parameter that requires grad), a sequence of names or
+    name prefixes (``"0"`` selects ``"0.weight"`` and ``"0.bias"``), a submodule or a sequence
+    of submodules, or a ``name -> tensor`` dict of the model's own parameters.
+    Order is always ``model.named_parameters()`` order.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {k: p for k, p in named.items() if p.requires_grad}
+        skipped = [k for k, p in named.items() if not p.requires_grad]
+        if skipped:
+            warn_once(
+                f"Excluding {len(skipped)} parameter(s) with requires_grad=False "
+                f"from the curvature: {', '.join(skipped[:5])}"
+                + (" ..." if len(skipped) > 5 else "")
+            )
+    else:
+        if isinstance(params, nn.Module):
+            params = [params]
+        if isinstance(params, dict):
+            ids = {id(t) for t in params.values()}
+            chosen = {k: p for k, p in named.items() if id(p) in ids}
+            if len(chosen) != len(params):
+                raise ValueError(
+                    "params dict holds tensors that are not parameters of the model; "
+                    "pass names (model.named_parameters()) instead."
+                )
+        elif (
+            isinstance(params, Sequence)
+            and params
+            and all(isinstance(m, nn.Module) for m in params)
+        ):
+            ids = {id(p) for m in params for p in m.parameters()}
+            chosen = {k: p for k, p in named.items() if id(p) in ids}
+        elif isinstance(params, Sequence) and all(isinstance(s, str) for s in params):
+            chosen = {}
+            for s in params:
+                hits = [k for k in named if k == s or k.startswith(s + ".")]
+                if not hits:
+                    raise ValueError(
+                        f"No parameter named {s!r}; available: "
+                        f"{', '.join(list(named)[:10])}" + (" ..." if len(named) > 10 else "")
+                    )
+                chosen.update({k: named[k] for k in hits})
+            chosen = {k: named[k] for k in named if k in chosen}
+        else:
+            raise TypeError(
+                "params must be None, parameter names, a module, a list of modules "
+                f"or a name -> tensor dict; got {type(params).__name__}."
+            )
+        frozen = [k for k, p in chosen.items() if not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"Parameters {frozen} do not require grad; call "
+                "p.requires_grad_(True) or leave them out of params."
+            )
+    if not chosen:
+        raise ValueError("No parameters selected: the model has none that require grad.")
+    dtypes = {p.dtype for p in chosen.values()}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"Selected parameters have mixed dtypes {dtypes}; convert the model with "
+            "model.to(dtype)."
+        )
+    return chosen
+
+
+def _is_batch(data: Any) -> bool:
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[1], Tensor)
+        and (isinstance(data[0], (Tensor, tuple, list)))
+    )
+
+
+class Objective:
+    """Model, loss and data bound into one function of the selected parameters.
+
+    Args:
+        model: a ``torch.nn.Module``.
+        loss_fn: a loss with ``reduction`` in ``{"mean", "sum"}`` (e.g.
+            ``nn.CrossEntropyLoss()``), or any callable ``(outputs, targets) -> scalar`` with
+            ``reduction`` given explicitly.
+        data: one ``(X, y)`` batch or a re-iterable of batches (list, ``DataLoader``). ``X``
+            may be a tuple of tensors (passed as ``model(*X)``).
+        params: parameter selection, see :func:`resolve_params`.
+        train_mode: evaluate the model in train mode (default ``False``: eval mode, which
+            makes BatchNorm use running statistics and disables Dropout).
+        allow_dropout: allow Dropout in train mode (the operator is then random).
+        weight_decay: adds ``0.5 * weight_decay * ||theta||^2`` (curvature ``+ weight_decay * I``).
+        regularizer: optional ``params_dict -> scalar`` added to the loss.
+        reduction: override for loss callables without a ``reduction`` attribute.
+        check_determinism: probe the data and model once for randomness.
+        distributed: all-reduce over ``torch.distributed`` (default: when it is initialised).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data: Any,
+        *,
+        params: Any = None,
+        train_mode: bool = False,
+        allow_dropout: bool = False,
+        weight_decay: float = 0.0,
+        regularizer: Callable[[dict[str, Tensor]], Tensor] | None = None,
+        reduction: str | None = None,
+        check_determinism: bool = True,
+        distributed: bool | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module  # double backward must not trigger DDP's gradient hooks
+        self.model = model
+        self.loss_fn = loss_fn
+        red = reduction if reduction is not None else getattr(loss_fn, "reduction", None)
+        if red not in ("mean", "sum"):
+            raise ValueError(
+                f"The loss must reduce to a scalar with reduction 'mean' or 'sum'; got "
+                f"reduction={red!r} from {type(loss_fn).__name__}. Use e.g. "
+                "nn.CrossEntropyLoss(reduction='mean'), or pass reduction='mean'|'sum' for a "
+                "custom loss callable."
+            )
+        self.reduction = red
+        self.params = resolve_params(model, params)
+        self.names = list(self.params)
+        self.shapes = [p.shape for p in self.params.values()]
+        first = next(iter(self.params.values()))
+        self.dtype, self.device = first.dtype, first.device
+        self.n = sum(p.numel() for p in self.params.values())
+        self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
+        self.regularizer = regularizer
+        self.train_mode = bool(train_mode)
+        self._apply_mode_policy(allow_dropout)
+
+        if _is_batch(data):
+            self._data: Iterable = [tuple(data)]
+        else:
+            if isinstance(data, Iterator):
+                raise TypeError(
+                    "data is a one-shot iterator (e.g. a generator); curvature needs "
+                    "to pass over the data many times. Pass a list of batches or a "
+                    "DataLoader."
+                )
+            if not isinstance(data, Iterable):
+                raise TypeError(
+                    "data must be an (X, y) pair of tensors or an iterable of them "
+                    f"(list, DataLoader); got {type(data).__name__}."
+                )
+            self._data = data
+        sizes = [self._batch_size(b) for b in self._data]
+        if not sizes:
+            raise ValueError("data is empty: expected at least one (X, y) batch.")
+        self.num_batches = len(sizes)
+        self.local_N = sum(sizes)
+        if distributed is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.distributed = bool(distributed)
+        N = torch.tensor(float(self.local_N), dtype=torch.float64)
+        self.all_reduce(N)
+        self.N = int(N.item())
+        if check_determinism:
+            self._probe_determinism(allow_dropout)
+
+    # -- policy -------------------------------------------------------------------------
+    def _apply_mode_policy(self, allow_dropout: bool) -> None:
+        has_bn = any(isinstance(m, _BN) for m in self.model.modules())
+        self._has_dropout = any(isinstance(m, _DROPOUT) and m.p > 0 for m in self.model.modules())
+        if self.train_mode:
+            if self._has_dropout and not allow_dropout:
+                raise ValueError(
+                    "train_mode=True with Dropout makes every curvature product "
+                    "random. Use train_mode=False (eval mode), or pass "
+                    "allow_dropout=True if you really want a random operator."
+                )
+            if has_bn:
+                warn_once(
+                    "Evaluating BatchNorm in train mode: batch statistics couple the "
+                    "samples of a batch, so the curvature depends on the batching."
+                )
+        elif self.model.training and (has_bn or self._has_dropout):
+            warn_once(
+                "The model is in train mode; hesse evaluates curvature in eval mode "
+                "(BatchNorm running statistics, no Dropout). Pass train_mode=True to "
+                "change this."
+            )
+
+    @contextlib.contextmanager
+    def mode(self):
+        """Put the model in the policy's mode for the duration, then restore it."""
+        was = self.model.training
+        self.model.train(self.train_mode)
+        try:
+            yield
+        finally:
+            self.model.train(was)
+
+    def _probe_determinism(self, allow_dropout: bool) -> None:
+        if not isinstance(self._data, list):
+            a, b = next(iter(self._data)), next(iter(self._data))
+            if not (_tree_equal(a[0], b[0]) and torch.equal(a[1], b[1])):
+                raise ValueError(
+                    "The data iterable yields different batches on each pass (a DataLoader with "
+                    "shuffle=True or random augmentation?). Curvature needs the same data every "
+                    "pass: use shuffle=False, or materialise a fixed list of batches."
+                )
+        if self._has_dropout and allow_dropout and self.train_mode:
+            return
+        X, _ = next(iter(self._data))
+        with torch.no_grad(), self.mode():
+            o1, o2 = self.forward(X), self.forward(X)
+        if not torch.equal(o1, o2):
+            raise ValueError(
+                "The model gives different outputs for the same input (a random "
+                "layer?). Curvature needs a deterministic function."
+            )
+
+    # -- data ---------------------------------------------------------------------------
+    @staticmethod
+    def _batch_size(batch: Any) -> int:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(
+                "Each batch must be an (X, y) pair; got "
+                f"{type(batch).__name__}."
+            )
+        y = batch[1]
+        if not isinstance(y, Tensor) or y.ndim == 0:
+            raise TypeError(
+                "Batch targets y must be a tensor with a batch dimension; got "
+                f"{type(y).__name__} {getattr(y, 'shape', '')}."
+            )
+        return int(y.shape[0])
+
+    def batches(self) -> Iterator[tuple[Any, Tensor, float]]:
+        """Yield ``(X, y, weight)`` with the exact normalisation weight of each batch."""
+        for X, y in self._data:
+            w = (y.shape[0] / self.N) if self.reduction == "mean" else 1.0
+            yield X, y, w
+
+    def forward(self, X: Any) -> Tensor:
+        return self.model(*X) if isinstance(X, (tuple, list)) else self.model(X)
+
+    def batch_loss(self, outputs: Tensor, y: Tensor, weight: float) -> Tensor:
+        """Weighted loss of one batch; checks it is a finite scalar."""
+        loss = self.loss_fn(outputs, y)
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            raise ValueError(
+                f"The loss must be a scalar; got shape {tuple(getattr(loss, 'shape', ()))}. "
+                "Use reduction='mean' or 'sum'."
+            )
+        check_finite(loss, "the loss")
+        return loss * weight
+
+    def regularization(self) -> Tensor | None:
+        """The regulariser ``R(theta)`` (without weight decay, which is added exactly)."""
+        if self.regularizer is None:
+            return None
+        r = self.regularizer(dict(self.params))
+        if not isinstance(r, Tensor) or r.ndim != 0:
+            raise ValueError("regularizer must return a scalar tensor.")
+        return r
+
+    # -- values -------------------------------------------------------------------------
+    def state_key(self) -> tuple:
+        """Changes whenever a parameter is modified in place (for cache invalidation)."""
+        return tuple((p.data_ptr(), p._version) for p in self.params.values())
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        if self.distributed:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def value_and_grad(self) -> tuple[Tensor, Tensor]:
+        """Total loss and its flat gradient w.r.t. the selected parameters (float64 sums)."""
+        plist = list(self.params.values())
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        grad = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        with self.mode():
+            for X, y, w in self.batches():
+                with torch.enable_grad():
+                    loss = self.batch_loss(self.forward(X), y, w)
+                    gs = torch.autograd.grad(loss, plist, allow_unused=True)
+                total += loss.detach().double()
+                grad += torch.cat(
+                    [
+                        torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                        if g is None
+                        else g.reshape(-1)
+                        for g, p in zip(gs, plist)
+                    ]
+                )
+        self.all_reduce(total)
+        self.all_reduce(grad)
+        if self.weight_decay:
+            total += 0.5 * self.weight_decay * sum(p.detach().double().pow(2).sum() for p in plist)
+            grad += self.weight_decay * torch.cat([p.detach().reshape(-1) for p in plist])
+        with torch.enable_grad():
+            r = self.regularization()
+            if r is not None:
+                gs = torch.autograd.grad(r, plist, allow_unused=True)
+                total += r.detach().double()
+                grad += torch.cat(
+                    [
+                        torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                        if g is None
+                        else g.reshape(-1)
+                        for g, p in zip(gs, plist)
+                    ]
+                )
+        try:
+            check_finite(grad, "the gradient")
+        except NonFiniteError as e:
+            e.partial = (total, grad)
+            raise
+        return total.to(self.dtype), grad
+
+    def loss(self) -> Tensor:
+        """Total loss (no gradient)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.no_grad(), self.mode():
+            for X, y, w in self.batches():
+                total += self.batch_loss(self.forward(X), y, w).double()
+        self.all_reduce(total)
+        with torch.no_grad():
+            if self.weight_decay:
+                total += (
+                    0.5
+                    * self.weight_decay
+                    * sum(p.double().pow(2).sum() for p in self.params.values())
+                )
+            r = self.regularization()
+            if r is not None:
+                total += r.double()
+        return total.to(self.dtype)
+
+
+def _tree_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_tree_equal(x, y) for x, y in zip(a, b))
+    return a == b

@@ -1,0 +1,360 @@
+"""Curvature operators of a model: Hessian, generalised Gauss-Newton, Fisher; blocks.
+
+All are built as ``Op(model, loss_fn, data, *, params=None, ...)``; vectors are ordered like
+``model.named_parameters()`` (restricted to ``params``), flattened. The base class owns the
+data loop, the exact mean/sum normalisation, graph caching, regularisers and the
+``torch.distributed`` reduction; a subclass writes one batch product.
+
+Caching: with ``cache_graph=True`` (default) the autograd graph each product needs is built
+once per batch and reused, so every product costs one backward pass through it. The cache is
+rebuilt automatically when a parameter is changed in place (an optimizer step). Set
+``cache_graph=False`` for data that does not fit in memory twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_choice, check_int
+from ..func import (
+    GradGraph,
+    OutputGraph,
+    loss_kind,
+    output_fisher_mp,
+    output_grad_unreduced,
+    reduction_scale,
+    sample_targets,
+)
+from ..func._ravel import ravel_block, unravel_block
+from ..objective import Objective
+from .base import LinearOperator
+
+__all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "SubOperator"]
+
+
+class CurvatureOperator(LinearOperator):
+    """Base of the model curvature operators (see the module docstring).
+
+    Args:
+        model, loss_fn, data: see :class:`hesse.Objective`.
+        params: parameter subset (names, prefixes, modules); default all trainable.
+        cache_graph: keep per-batch graphs between products (default ``True``).
+        **objective_kwargs: ``train_mode``, ``allow_dropout``, ``weight_decay``,
+            ``regularizer``, ``reduction``, ``check_determinism``, ``distributed``.
+    """
+
+    _psd = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Any,
+        *,
+        params: Any = None,
+        cache_graph: bool = True,
+        **objective_kwargs: Any,
+    ):
+        self.objective = Objective(model, loss_fn, data, params=params, **objective_kwargs)
+        ob = self.objective
+        super().__init__((ob.n, ob.n), ob.dtype, ob.device, symmetric=True, psd=self._psd)
+        self.cache_graph = cache_graph
+        self._cache: list[Any] | None = None
+        self._key: tuple | None = None
+        self._reg_graph: GradGraph | None = None
+        self._reg_key: tuple | None = None
+
+    # -- per-layer structure ------------------------------------------------------------
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.objective.names)
+
+    def param_slices(self) -> dict[str, slice]:
+        """Index range of each parameter in the flat vector."""
+        out, i = {}, 0
+        for name, p in self.objective.params.items():
+            out[name] = slice(i, i + p.numel())
+            i += p.numel()
+        return out
+
+    def layer_slices(self) -> dict[str, list[slice]]:
+        """Parameter ranges grouped by owning module (``"0.weight"``, ``"0.bias"`` -> ``"0"``)."""
+        groups: dict[str, list[slice]] = {}
+        for name, sl in self.param_slices().items():
+            groups.setdefault(name.rpartition(".")[0] or name, []).append(sl)
+        return groups
+
+    def block(
+        self, rows: str | Sequence[str], cols: str | Sequence[str] | None = None
+    ) -> SubOperator:
+        """Block ``H[rows, cols]`` selected by parameter names or module prefixes.
+
+        ``op.block("0")`` is the diagonal block of layer ``0``; ``op.block("0", "2")`` the
+        off-diagonal block coupling layers 0 and 2 (shape ``(n_0, n_2)``).
+        """
+        r = self._indices(rows)
+        c = r if cols is None else self._indices(cols)
+        return SubOperator(self, r, c)
+
+    def layer_blocks(self) -> dict[str, SubOperator]:
+        """The diagonal block of every layer (module), keyed by module name."""
+        return {name: self.block([name]) for name in self.layer_slices()}
+
+    def _indices(self, sel: str | Sequence[str]) -> Tensor:
+        sel = [sel] if isinstance(sel, str) else list(sel)
+        slices = self.param_slices()
+        idx = []
+        for s in sel:
+            hits = [sl for k, sl in slices.items() if k == s or k.startswith(s + ".")]
+            if not hits:
+                raise ValueError(f"No parameter or module named {s!r} among {list(slices)}.")
+            idx.extend(torch.arange(h.start, h.stop) for h in hits)
+        return torch.unique(torch.cat(idx)).to(self.device)
+
+    # -- values -------------------------------------------------------------------------
+    def gradient(self) -> Tensor:
+        """Flat gradient of the objective at the current parameters."""
+        return self.objective.value_and_grad()[1]
+
+    def loss(self) -> Tensor:
+        return self.objective.loss()
+
+    # -- products -----------------------------------------------------------------------
+    def _build(self, X: Any, y: Tensor, w: float) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _batch_product(self, cache: Any, parts: list[Tensor]) -> list[Tensor]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _batch_caches(self):
+        ob = self.objective
+        if self.cache_graph:
+            key = ob.state_key()
+            if self._cache is None or key != self._key:
+                self._cache = None  # free the old graphs first
+                with torch.enable_grad(), ob.mode():
+                    self._cache = [self._build(X, y, w) for X, y, w in ob.batches()]
+                self._key = key
+            yield from self._cache
+            return
+        for X, y, w in ob.batches():
+            with torch.enable_grad(), ob.mode():
+                yield self._build(X, y, w)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        k = V.shape[1]
+        parts = unravel_block(V, self.objective.shapes)
+        out = [torch.zeros_like(p) for p in parts]
+        for cache in self._batch_caches():
+            for o, r in zip(out, self._batch_product(cache, parts)):
+                o.add_(r)
+        result = ravel_block(out, k)
+        self.objective.all_reduce(result)
+        return result + self._regularizer_product(V)
+
+    def _regularizer_product(self, V: Tensor) -> Tensor | float:
+        ob = self.objective
+        extra: Tensor | float = 0.0
+        if ob.weight_decay:
+            extra = ob.weight_decay * V
+        if ob.regularizer is not None:
+            key = ob.state_key()
+            if self._reg_graph is None or key != self._reg_key:
+                with torch.enable_grad():
+                    self._reg_graph = GradGraph(ob.regularization(), list(ob.params.values()))
+                self._reg_key = key
+            parts = unravel_block(V, ob.shapes)
+            extra = extra + ravel_block(self._reg_graph.hmp(parts), V.shape[1])
+        return extra
+
+
+class HessianOperator(CurvatureOperator):
+    """The exact Hessian of the objective, ``H = d^2 L / d theta^2``.
+
+    Products by Pearlmutter's trick. ``mode="rev-rev"`` (default) caches the ``create_graph``
+    gradient and costs one backward pass per product (1-2 gradients); ``mode="fwd-rev"``
+    uses ``torch.func`` forward-over-reverse with ``vmap`` over columns, caches nothing.
+
+    Cost: one product ~ 1-2 gradient evaluations; memory: the double-backward graph.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Any,
+        *,
+        params: Any = None,
+        mode: str = "rev-rev",
+        **kwargs: Any,
+    ):
+        self.mode = check_choice(mode, "mode", ("rev-rev", "fwd-rev"))
+        super().__init__(model, loss_fn, data, params=params, **kwargs)
+
+    def _build(self, X: Any, y: Tensor, w: float) -> Any:
+        ob = self.objective
+        if self.mode == "fwd-rev":
+            return (X, y, w)
+        return GradGraph(ob.batch_loss(ob.forward(X), y, w), list(ob.params.values()))
+
+    def _batch_product(self, cache: Any, parts: list[Tensor]) -> list[Tensor]:
+        if self.mode == "fwd-rev":
+            return self._fwd_rev(*cache, parts)
+        if parts[0].shape[0] == 1:
+            return [t.unsqueeze(0) for t in cache.hvp([p[0] for p in parts])]
+        return cache.hmp(parts)
+
+    def _fwd_rev(self, X: Any, y: Tensor, w: float, parts: list[Tensor]) -> list[Tensor]:
+        ob = self.objective
+        model = ob.model
+        names = ob.names
+        frozen = {k: v.detach() for k, v in model.named_parameters() if k not in ob.params}
+        buffers = dict(model.named_buffers())
+
+        def loss_of(p: tuple[Tensor, ...]) -> Tensor:
+            state = {**frozen, **buffers, **dict(zip(names, p))}
+            args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
+            out = torch.func.functional_call(model, state, args)
+            return ob.loss_fn(out, y) * w
+
+        primals = tuple(p.detach() for p in ob.params.values())
+        grad_fn = torch.func.grad(loss_of)
+
+        def one(*v: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.jvp(grad_fn, (primals,), (tuple(v),))[1]
+
+        with ob.mode():
+            return list(torch.func.vmap(one)(*parts))
+
+
+class _OutputCurvatureOperator(CurvatureOperator):
+    """``J^T M J`` with an output-space matrix ``M`` per batch (GGN and Fisher)."""
+
+    _psd = True
+
+    def _build(self, X: Any, y: Tensor, w: float) -> Any:
+        ob = self.objective
+        outputs = ob.forward(X)
+        return OutputGraph(outputs, list(ob.params.values())), self._output_state(outputs, y, w)
+
+    def _output_state(self, outputs: Tensor, y: Tensor, w: float) -> Any:
+        raise NotImplementedError  # pragma: no cover
+
+    def _output_mp(self, state: Any, W: Tensor) -> Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def _batch_product(self, cache: Any, parts: list[Tensor]) -> list[Tensor]:
+        graph, state = cache
+        return graph.vjp(self._output_mp(state, graph.jmp(parts)))
+
+
+class GGNOperator(_OutputCurvatureOperator):
+    """Generalised Gauss-Newton ``G = J^T H_L J`` (plus the regulariser's Hessian).
+
+    ``H_L`` is the Hessian of the (weighted) loss in the model outputs, taken by autograd,
+    so any scalar loss works; it is PSD when the loss is convex in the outputs.
+    Cost: one JVP + one VJP on the cached output graph per product.
+    """
+
+    def _output_state(self, outputs: Tensor, y: Tensor, w: float) -> Any:
+        leaf = outputs.detach().requires_grad_(True)
+        g = torch.autograd.grad(self.objective.batch_loss(leaf, y, w), leaf, create_graph=True)[0]
+        return leaf, g
+
+    def _output_mp(self, state: Any, W: Tensor) -> Tensor:
+        leaf, g = state
+        if not g.requires_grad:  # loss linear in the outputs
+            return torch.zeros_like(W)
+        return torch.autograd.grad(g, leaf, W, retain_graph=True, is_grads_batched=True)[0]
+
+
+class FisherOperator(_OutputCurvatureOperator):
+    """Fisher information of the likelihood the loss defines, ``J^T E[r r^T] J``.
+
+    Args:
+        kind: ``"exact"`` (type-2, closed form ``E_y[r r^T]``; equals the GGN for MSE, CE,
+            BCE), ``"mc"`` (``num_samples`` targets drawn per input from ``p(y|f)`` with
+            ``generator``, fixed for the current parameters), or ``"empirical"``
+            (``r`` at the observed targets).
+        num_samples: Monte-Carlo samples per input for ``kind="mc"``.
+        generator: randomness for ``kind="mc"``.
+
+    ``r = d loss_n / d f`` is the gradient of the unreduced per-sample loss; with
+    ``reduction="mean"`` everything is scaled like the loss (``1/N``, or ``1/(N d)`` for MSE/BCE).
+    Supports ``nn.MSELoss``, ``nn.CrossEntropyLoss`` and ``nn.BCEWithLogitsLoss``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Any,
+        *,
+        params: Any = None,
+        kind: str = "exact",
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ):
+        self.kind = check_choice(kind, "kind", ("exact", "mc", "empirical"))
+        self.loss_kind = loss_kind(loss_fn)
+        self.num_samples = check_int(num_samples, "num_samples")
+        self.generator = generator
+        super().__init__(model, loss_fn, data, params=params, **kwargs)
+        if self.kind == "mc" and not self.cache_graph:
+            raise ValueError(
+                "FisherOperator(kind='mc') needs cache_graph=True so that its "
+                "sampled targets stay fixed between products."
+            )
+
+    def _output_state(self, outputs: Tensor, y: Tensor, w: float) -> Any:
+        f = outputs.detach()
+        scale = w * reduction_scale(self.loss_kind, self.objective.reduction, f)
+        if self.kind == "exact":
+            return f, scale, None
+        if self.kind == "empirical":
+            R = output_grad_unreduced(self.loss_kind, f, y).unsqueeze(0)
+        else:
+            samples = sample_targets(self.loss_kind, f, self.num_samples, self.generator)
+            R = torch.stack([output_grad_unreduced(self.loss_kind, f, s) for s in samples])
+            scale = scale / self.num_samples
+        return f, scale, R  # R: (S, *out)
+
+    def _output_mp(self, state: Any, W: Tensor) -> Tensor:
+        f, scale, R = state
+        if R is None:
+            return scale * output_fisher_mp(self.loss_kind, f, W)
+        dims = tuple(range(2, W.ndim + 1))
+        coef = (R.unsqueeze(1) * W.unsqueeze(0)).sum(dim=dims, keepdim=True)  # (S, k, B, 1..)
+        return scale * (coef * R.unsqueeze(1)).sum(0)
+
+
+class SubOperator(LinearOperator):
+    """Rows ``r`` and columns ``c`` of a parent operator: ``A[r][:, c]`` (lazy)."""
+
+    def __init__(self, parent: LinearOperator, rows: Tensor, cols: Tensor):
+        same = rows.shape == cols.shape and bool(torch.equal(rows, cols))
+        super().__init__(
+            (rows.numel(), cols.numel()),
+            parent.dtype,
+            parent.device,
+            symmetric=parent.symmetric and same,
+            psd=parent.psd and same,
+        )
+        self.parent, self.rows, self.cols = parent, rows, cols
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        full = torch.zeros(self.parent.shape[1], V.shape[1], dtype=V.dtype, device=V.device)
+        full[self.cols] = V
+        self.parent.num_matvecs += V.shape[1]
+        return self.parent._matmat(full)[self.rows]
+
+    def _rmatmat(self, V: Tensor) -> Tensor:
+        full = torch.zeros(self.parent.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
+        full[self.rows] = V
+        self.parent.num_matvecs += V.shape[1]
+        return self.parent._rmatmat(full)[self.cols]
