@@ -1,0 +1,3 @@
+"""Analyses composed from operators and linalg results (never re-implementing algorithms)."""
+
+__all__: list[str] = []

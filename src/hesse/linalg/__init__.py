@@ -1,0 +1,3 @@
+"""Algorithms over linear operators (or dense tensors), returning frozen result objects."""
+
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""Reports and CLI subcommands (thin shells over the public API)."""
