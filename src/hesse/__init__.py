@@ -20,6 +20,8 @@ from .operators import (
     aslinearoperator,
     hessian_of,
 )
+from .linalg.diagonal import DiagonalResult, exact_diagonal, hutchinson_diagonal
+from .linalg.trace import TraceResult, hutchinson_trace, hutchpp_trace, trace, xtrace
 
 __version__ = "0.1.0"
 
@@ -38,4 +40,12 @@ __all__ = [
     "__version__",
     "aslinearoperator",
     "hessian_of",
+    "DiagonalResult",
+    "TraceResult",
+    "exact_diagonal",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "trace",
+    "xtrace",
 ]

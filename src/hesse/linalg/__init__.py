@@ -1,3 +1,25 @@
 """Algorithms over linear operators (or dense tensors), returning frozen result objects."""
 
 __all__: list[str] = []
+
+from .diagonal import DiagonalResult, exact_diagonal, hutchinson_diagonal  # noqa: E402
+from .trace import (  # noqa: E402
+    TraceMethod,
+    TraceResult,
+    hutchinson_trace,
+    hutchpp_trace,
+    trace,
+    xtrace,
+)
+
+__all__ += [
+    "DiagonalResult",
+    "TraceMethod",
+    "TraceResult",
+    "exact_diagonal",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "trace",
+    "xtrace",
+]

@@ -20,9 +20,7 @@ def _gen(generator: torch.Generator | None, device: torch.device | str) -> torch
     """The caller's generator, or a fresh seeded one (never the global RNG)."""
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"Invalid generator={generator!r}; must be a torch.Generator or None."
-            )
+            raise TypeError(f"Invalid generator={generator!r}; must be a torch.Generator or None.")
         return generator
     g = torch.Generator(device=torch.device(device))
     g.seed()
