@@ -1,3 +1,19 @@
 """Analyses composed from operators and linalg results (never re-implementing algorithms)."""
 
-__all__: list[str] = []
+from .landscape import (
+    LossSlice,
+    LossSurface2D,
+    loss_slice,
+    loss_surface_2d,
+    perturbed_parameters,
+    random_direction,
+)
+
+__all__: list[str] = [
+    "LossSlice",
+    "LossSurface2D",
+    "loss_slice",
+    "loss_surface_2d",
+    "perturbed_parameters",
+    "random_direction",
+]
