@@ -21,6 +21,7 @@ from .operators import (
     hessian_of,
 )
 from .linalg.diagonal import DiagonalResult, exact_diagonal, hutchinson_diagonal
+from .linalg.solve import CGResult, cg_solve, minres_solve
 from .linalg.trace import TraceResult, hutchinson_trace, hutchpp_trace, trace, xtrace
 
 __version__ = "0.1.0"
@@ -40,6 +41,9 @@ __all__ = [
     "__version__",
     "aslinearoperator",
     "hessian_of",
+    "CGResult",
+    "cg_solve",
+    "minres_solve",
     "DiagonalResult",
     "TraceResult",
     "exact_diagonal",

@@ -3,6 +3,7 @@
 __all__: list[str] = []
 
 from .diagonal import DiagonalResult, exact_diagonal, hutchinson_diagonal  # noqa: E402
+from .solve import CGResult, CGState, CGStatus, cg_solve, minres_solve  # noqa: E402
 from .trace import (  # noqa: E402
     TraceMethod,
     TraceResult,
@@ -13,6 +14,11 @@ from .trace import (  # noqa: E402
 )
 
 __all__ += [
+    "CGResult",
+    "CGState",
+    "CGStatus",
+    "cg_solve",
+    "minres_solve",
     "DiagonalResult",
     "TraceMethod",
     "TraceResult",
