@@ -8,6 +8,16 @@ from .landscape import (
     perturbed_parameters,
     random_direction,
 )
+from .sharpness import (
+    FlatnessMetrics,
+    SharpnessResult,
+    adaptive_sharpness,
+    curvature_operator,
+    curvature_trace,
+    epsilon_sharpness,
+    flatness_metrics,
+    lambda_max,
+)
 
 __all__: list[str] = [
     "LossSlice",
@@ -16,4 +26,12 @@ __all__: list[str] = [
     "loss_surface_2d",
     "perturbed_parameters",
     "random_direction",
+    "FlatnessMetrics",
+    "SharpnessResult",
+    "adaptive_sharpness",
+    "curvature_operator",
+    "curvature_trace",
+    "epsilon_sharpness",
+    "flatness_metrics",
+    "lambda_max",
 ]

@@ -198,7 +198,7 @@ def random_direction(
 
 def _top_directions(op: LinearOperator, k: int, generator: torch.Generator | None):
     try:
-        from ..linalg import top_eigenpairs
+        from ..linalg.eigen import top_eigenpairs
     except ImportError as e:  # pragma: no cover - depends on the linalg module landing
         raise NotImplementedError(
             "direction='top' needs hesse.top_eigenpairs (hesse.linalg); pass an explicit "
