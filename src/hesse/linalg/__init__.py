@@ -29,3 +29,21 @@ __all__ += [
     "trace",
     "xtrace",
 ]
+
+from ._results import EigenResult, SpectralDensity  # noqa: E402
+from .density import spectral_density  # noqa: E402
+from .eigen import Criterion, Which, top_eigenpairs  # noqa: E402
+from .lanczos import LanczosDecomposition, lanczos  # noqa: E402
+from .power import power_iteration  # noqa: E402
+
+__all__ += [
+    "Criterion",
+    "EigenResult",
+    "LanczosDecomposition",
+    "SpectralDensity",
+    "Which",
+    "lanczos",
+    "power_iteration",
+    "spectral_density",
+    "top_eigenpairs",
+]
