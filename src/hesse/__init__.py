@@ -53,3 +53,19 @@ __all__ = [
     "trace",
     "xtrace",
 ]
+
+from .linalg import (  # noqa: E402
+    EigenResult,
+    SpectralDensity,
+    power_iteration,
+    spectral_density,
+    top_eigenpairs,
+)
+
+__all__ += [
+    "EigenResult",
+    "SpectralDensity",
+    "power_iteration",
+    "spectral_density",
+    "top_eigenpairs",
+]
