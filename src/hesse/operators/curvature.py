@@ -9,6 +9,19 @@ Caching: with ``cache_graph=True`` (default) the autograd graph each product nee
 once per batch and reused, so every product costs one backward pass through it. The cache is
 rebuilt automatically when a parameter is changed in place (an optimizer step). Set
 ``cache_graph=False`` for data that does not fit in memory twice.
+
+Memory: ``micro_batch_size=m`` splits every batch into chunks of at most ``m`` samples with
+exact weights. With ``cache_graph=True`` each chunk keeps its own graph (memory grows with
+the data, and each chunk also holds a parameter-sized gradient); with ``cache_graph=False``
+only one chunk's graph is alive at a time, so peak memory is bounded by the chunk size at the
+price of rebuilding the graph (one forward and one ``create_graph`` backward) every product.
+:func:`hesse.estimate` predicts both before a long run. Sums over chunks and ranks use the
+objective's ``accumulation_dtype`` (float64 for float32 models).
+
+Transformers: graphs are built with the math backend of ``scaled_dot_product_attention``
+(the fused CPU kernels have no double backward), see :func:`hesse.objective.math_attention`.
+
+Data parallelism: see :class:`hesse.Objective`; products are all-reduced over the ranks.
 """
 
 from __future__ import annotations
@@ -44,7 +57,8 @@ class CurvatureOperator(LinearOperator):
         params: parameter subset (names, prefixes, modules); default all trainable.
         cache_graph: keep per-batch graphs between products (default ``True``).
         **objective_kwargs: ``train_mode``, ``allow_dropout``, ``weight_decay``,
-            ``regularizer``, ``reduction``, ``check_determinism``, ``distributed``.
+            ``regularizer``, ``reduction``, ``check_determinism``, ``distributed``,
+            ``process_group``, ``micro_batch_size``, ``accumulation_dtype``.
     """
 
     _psd = False
@@ -136,25 +150,49 @@ class CurvatureOperator(LinearOperator):
             key = ob.state_key()
             if self._cache is None or key != self._key:
                 self._cache = None  # free the old graphs first
-                with torch.enable_grad(), ob.mode():
+                with torch.enable_grad(), ob.curvature_mode():
                     self._cache = [self._build(X, y, w) for X, y, w in ob.batches()]
                 self._key = key
             yield from self._cache
             return
         for X, y, w in ob.batches():
-            with torch.enable_grad(), ob.mode():
-                yield self._build(X, y, w)
+            with torch.enable_grad(), ob.curvature_mode():
+                cache = self._build(X, y, w)
+            yield cache
+            del cache  # free this chunk's graph before the next one is built
+
+    def clear_cache(self) -> None:
+        """Drop the cached graphs (they are rebuilt by the next product)."""
+        self._cache = None
+        self._key = None
 
     def _matmat(self, V: Tensor) -> Tensor:
+        ob = self.objective
         k = V.shape[1]
-        parts = unravel_block(V, self.objective.shapes)
-        out = [torch.zeros_like(p) for p in parts]
+        parts = unravel_block(V, ob.shapes)
+        sizes = [s.numel() for s in ob.shapes]
+        single = len(ob.chunk_sizes) == 1 and not ob.distributed
+        acc_dtype = V.dtype if single else ob.accumulation_dtype
+        # (k, n) row-major accumulator; returned transposed as the (n, k) block.
+        acc = (torch.empty if single else torch.zeros)((k, ob.n), dtype=acc_dtype, device=V.device)
         for cache in self._batch_caches():
-            for o, r in zip(out, self._batch_product(cache, parts)):
-                o.add_(r)
-        result = ravel_block(out, k)
-        self.objective.all_reduce(result)
-        return result + self._regularizer_product(V)
+            with ob.curvature_mode():
+                res = self._batch_product(cache, parts)
+            i = 0
+            for r, m in zip(res, sizes):
+                if single:
+                    acc[:, i : i + m].copy_(r.reshape(k, m))
+                else:
+                    acc[:, i : i + m].add_(r.reshape(k, m))
+                i += m
+            del res, cache  # with cache_graph=False this frees the chunk's graph
+        ob.all_reduce(acc)
+        result = acc.T if acc.dtype == self.dtype else acc.T.to(self.dtype)
+        del acc
+        extra = self._regularizer_product(V)
+        if isinstance(extra, Tensor) or extra != 0.0:
+            result = result + extra
+        return result
 
     def _regularizer_product(self, V: Tensor) -> Tensor | float:
         ob = self.objective
@@ -180,6 +218,9 @@ class HessianOperator(CurvatureOperator):
     uses ``torch.func`` forward-over-reverse with ``vmap`` over columns, caches nothing.
 
     Cost: one product ~ 1-2 gradient evaluations; memory: the double-backward graph.
+
+    ``"fwd-rev"`` refuses models with ``nn.LayerNorm``: ``torch.func``'s second derivatives
+    through it are silently wrong in torch 2.13 (the default ``"rev-rev"`` is exact).
     """
 
     def __init__(
@@ -193,6 +234,12 @@ class HessianOperator(CurvatureOperator):
         **kwargs: Any,
     ):
         self.mode = check_choice(mode, "mode", ("rev-rev", "fwd-rev"))
+        if self.mode == "fwd-rev" and any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+            raise NotImplementedError(
+                "mode='fwd-rev' cannot be trusted with nn.LayerNorm: torch.func's second "
+                "derivatives through layer_norm are wrong in this torch version. Use the "
+                "default mode='rev-rev'."
+            )
         super().__init__(model, loss_fn, data, params=params, **kwargs)
 
     def _build(self, X: Any, y: Tensor, w: float) -> Any:
@@ -215,11 +262,13 @@ class HessianOperator(CurvatureOperator):
         frozen = {k: v.detach() for k, v in model.named_parameters() if k not in ob.params}
         buffers = dict(model.named_buffers())
 
+        loss_fn = _func_safe_loss(ob.loss_fn)
+
         def loss_of(p: tuple[Tensor, ...]) -> Tensor:
             state = {**frozen, **buffers, **dict(zip(names, p))}
             args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
             out = torch.func.functional_call(model, state, args)
-            return ob.loss_fn(out, y) * w
+            return loss_fn(out, y) * w
 
         primals = tuple(p.detach() for p in ob.params.values())
         grad_fn = torch.func.grad(loss_of)
@@ -227,8 +276,24 @@ class HessianOperator(CurvatureOperator):
         def one(*v: Tensor) -> tuple[Tensor, ...]:
             return torch.func.jvp(grad_fn, (primals,), (tuple(v),))[1]
 
-        with ob.mode():
-            return list(torch.func.vmap(one)(*parts))
+        with ob.curvature_mode():
+            try:
+                return list(torch.func.vmap(one)(*parts))
+            except RuntimeError as e:
+                raise NotImplementedError(
+                    f"mode='fwd-rev' failed inside torch.func ({e}). Some operators lack "
+                    "forward-over-reverse support in this torch version; use the default "
+                    "mode='rev-rev'."
+                ) from e
+
+
+def _func_safe_loss(loss_fn: Callable) -> Callable:
+    """``nn.MSELoss`` written out: torch.func's jvp of ``mse_loss``'s backward fails in 2.13."""
+    if type(loss_fn) is nn.MSELoss:
+        if loss_fn.reduction == "sum":
+            return lambda o, t: ((o - t) ** 2).sum()
+        return lambda o, t: ((o - t) ** 2).mean()
+    return loss_fn
 
 
 class _OutputCurvatureOperator(CurvatureOperator):
@@ -320,7 +385,10 @@ class FisherOperator(_OutputCurvatureOperator):
             R = output_grad_unreduced(self.loss_kind, f, y).unsqueeze(0)
         else:
             samples = sample_targets(self.loss_kind, f, self.num_samples, self.generator)
-            R = torch.stack([output_grad_unreduced(self.loss_kind, f, s) for s in samples])
+            S = samples.shape[0]
+            fs = f.expand(S, *f.shape).reshape(S * f.shape[0], *f.shape[1:])
+            ts = samples.reshape(S * f.shape[0], *samples.shape[2:])
+            R = output_grad_unreduced(self.loss_kind, fs, ts).reshape(S, *f.shape)
             scale = scale / self.num_samples
         return f, scale, R  # R: (S, *out)
 
@@ -328,7 +396,7 @@ class FisherOperator(_OutputCurvatureOperator):
         f, scale, R = state
         if R is None:
             return scale * output_fisher_mp(self.loss_kind, f, W)
-        dims = tuple(range(2, W.ndim + 1))
+        dims = tuple(range(3, W.ndim + 1))  # output dims, not batch
         coef = (R.unsqueeze(1) * W.unsqueeze(0)).sum(dim=dims, keepdim=True)  # (S, k, B, 1..)
         return scale * (coef * R.unsqueeze(1)).sum(0)
 

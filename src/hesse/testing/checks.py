@@ -1,8 +1,10 @@
 """Dense references and the operator conformance checker.
 
 The references are derived independently of hesse's products: the Hessian is
-``torch.func.hessian`` of the loss on the concatenated data; the GGN is the Hessian of the
-loss of the *linearised* model ``f0 + J (theta - theta0)`` (``J`` dense, by ``jacrev``),
+``torch.autograd.functional.hessian`` of the loss on the concatenated data (one plain
+backward pass per column; not ``torch.func.hessian``, whose second derivatives through
+``nn.LayerNorm`` are silently wrong in torch 2.13); the GGN is the Hessian of the
+loss of the *linearised* model ``f0 + J (theta - theta0)`` (``J`` dense, by autograd),
 not a second copy of ``J^T H_L J``.
 """
 
@@ -63,9 +65,9 @@ def _functional_loss(
 def dense_hessian(
     model: nn.Module, loss_fn: Callable, data: Any, *, params: Any = None, train_mode: bool = False
 ) -> Tensor:
-    """Dense Hessian of ``loss_fn(model(X_all), y_all)`` by ``torch.func.hessian``."""
+    """Dense Hessian of ``loss_fn(model(X_all), y_all)`` by ``torch.autograd.functional``."""
     f, theta0, _ = _functional_loss(model, loss_fn, data, params, train_mode)
-    return torch.func.hessian(f)(theta0)
+    return torch.autograd.functional.hessian(f, theta0)
 
 
 def dense_ggn(
@@ -75,12 +77,12 @@ def dense_ggn(
     _, theta0, model_fn = _functional_loss(model, loss_fn, data, params, train_mode)
     _, y = concat_data(data)
     f0 = model_fn(theta0).detach()
-    J = torch.func.jacrev(model_fn)(theta0).detach().reshape(f0.numel(), -1)
+    J = torch.autograd.functional.jacobian(model_fn, theta0).detach().reshape(f0.numel(), -1)
 
     def lin_loss(d: Tensor) -> Tensor:
         return loss_fn(f0 + (J @ d).reshape(f0.shape), y)
 
-    return torch.func.hessian(lin_loss)(torch.zeros_like(theta0))
+    return torch.autograd.functional.hessian(lin_loss, torch.zeros_like(theta0))
 
 
 def check_operator(
