@@ -30,6 +30,10 @@ __all__ += [
     "xtrace",
 ]
 
+from .matrix_functions import matrix_inverse_root  # noqa: E402
+
+__all__ += ["matrix_inverse_root"]
+
 from ._results import EigenResult, SpectralDensity  # noqa: E402
 from .density import spectral_density  # noqa: E402
 from .eigen import Criterion, Which, top_eigenpairs  # noqa: E402

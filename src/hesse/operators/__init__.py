@@ -13,6 +13,7 @@ from .base import (
 )
 from .curvature import CurvatureOperator, FisherOperator, GGNOperator, HessianOperator, SubOperator
 from .function import FunctionHessianOperator, hessian_of
+from .kfac import KFACOperator
 
 __all__ = [
     "CurvatureOperator",
@@ -23,6 +24,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
+    "KFACOperator",
     "LinearOperator",
     "LowRankOperator",
     "ProductOperator",

@@ -1,0 +1,445 @@
+"""K-FAC: Kronecker-factored approximate curvature, as a preconditioner and as an optimizer.
+
+The factor definitions, normalisation and exactness statement are in
+:mod:`hesse.operators.kfac` (shared with :class:`hesse.KFACOperator`). Here they are estimated
+on the fly from the training forward passes:
+
+* ``A`` from the layer inputs recorded by forward hooks;
+* ``G`` from output gradients: for the true Fisher (``fisher="mc"``, default) and
+  ``fisher="exact"`` an extra backward pass of sampled (or square-root) output gradients runs
+  right after the model's forward, on the retained graph, touching no ``.grad``; for
+  ``fisher="empirical"`` it runs when ``loss_fn`` is called, at the observed targets.
+
+Both are kept as exponential running averages and inverted through eigendecompositions
+(float64) every ``inverse_update_interval`` steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .._checks import check_choice, check_int, check_nonnegative, check_positive
+from ..func import loss_kind, reduction_scale
+from ..operators.kfac import (
+    FISHER_KINDS,
+    UNSUPPORTED_POLICIES,
+    eigen_factors,
+    eigen_solve,
+    find_kfac_layers,
+    output_gradient_factors,
+)
+
+__all__ = ["KFAC", "KFACPreconditioner"]
+
+DAMPING_MODES = ("tikhonov", "factored")
+
+
+def _check_decay(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {name}={value!r}; must lie in [0, 1).")
+    return float(value)
+
+
+class KFACPreconditioner:
+    """Replace each supported layer's gradient by ``(A (x) G + damping I)^{-1} grad``.
+
+    Works under any ``torch.optim`` optimizer::
+
+        pre = KFACPreconditioner(model, loss_fn)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for X, y in loader:
+            opt.zero_grad()
+            loss = loss_fn(model(X), y)   # forward hooks record the factors
+            loss.backward()
+            pre.step()                    # p.grad <- preconditioned gradient
+            opt.step()
+
+    Per step::
+
+        if step % factor_update_interval == 0:    # statistics of the last forward(s)
+            A <- rho A + (1 - rho) A_batch;  G <- rho G + (1 - rho) G_batch
+        if step % inverse_update_interval == 0:
+            QA, dA = eigh(A);  QG, dG = eigh(G)
+        tikhonov: D = (A (x) G + damping I)^{-1} grad   (exact, in the eigenbases)
+        factored: D = (G + sqrt(damping)/pi I)^{-1} grad (A + pi sqrt(damping) I)^{-1}
+        kl_clip:  D <- D * min(1, sqrt(kl_clip / (lr^2 <D, grad>)))
+        p.grad <- D
+
+    Args:
+        model: the network; its ``Linear``, ``Conv2d`` and (dense) ``Embedding`` layers are
+            preconditioned. The model's output must be the tensor passed to ``loss_fn``.
+        loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` (its
+            likelihood defines the Fisher, its ``reduction`` the scale of ``G``).
+        fisher: ``"mc"`` (true Fisher, targets sampled from the model, default),
+            ``"exact"`` (backpropagates all ``C`` columns of the output Hessian's square
+            root: exact type-2 Fisher/GGN factors, ``C`` backward passes) or
+            ``"empirical"`` (observed targets; ``loss_fn`` must be called on the model output).
+        num_samples: sampled targets per input for ``"mc"``.
+        damping: Tikhonov damping ``> 0`` (may be changed between steps).
+        damping_mode: ``"tikhonov"`` (exact inverse of ``A (x) G + damping I``) or
+            ``"factored"`` (Martens & Grosse 2015, sec. 6.3).
+        factor_decay: running-average weight ``rho`` in ``[0, 1)``.
+        factor_update_interval, inverse_update_interval: in steps.
+        kl_clip: trust bound on ``lr^2 <D, grad>`` (Ba et al. 2017), or ``None``.
+        lr: learning rate used by ``kl_clip`` (set it to the optimizer's).
+        unsupported: ``"raise"`` (default) or ``"skip"`` (plain gradient) for other layers
+            with parameters.
+        generator: randomness for ``"mc"`` (default: a fresh private generator).
+
+    References:
+        Martens & Grosse, ICML 2015. Grosse & Martens, ICML 2016. Ba, Grosse & Martens,
+        "Distributed second-order optimization using Kronecker-factored approximations",
+        ICLR 2017.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        *,
+        fisher: str = "mc",
+        num_samples: int = 1,
+        damping: float = 1e-3,
+        damping_mode: str = "tikhonov",
+        factor_decay: float = 0.95,
+        factor_update_interval: int = 1,
+        inverse_update_interval: int = 10,
+        kl_clip: float | None = None,
+        lr: float = 1.0,
+        unsupported: str = "raise",
+        generator: torch.Generator | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.kind = loss_kind(loss_fn)
+        self.reduction = getattr(loss_fn, "reduction", "mean")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"loss_fn must have reduction 'mean' or 'sum'; got {self.reduction!r}."
+            )
+        self.fisher = check_choice(fisher, "fisher", FISHER_KINDS)
+        self.num_samples = check_int(num_samples, "num_samples")
+        self.damping = check_positive(damping, "damping")
+        self.damping_mode = check_choice(damping_mode, "damping_mode", DAMPING_MODES)
+        self.factor_decay = _check_decay(factor_decay, "factor_decay")
+        self.factor_update_interval = check_int(factor_update_interval, "factor_update_interval")
+        self.inverse_update_interval = check_int(inverse_update_interval, "inverse_update_interval")
+        self.kl_clip = None if kl_clip is None else check_positive(kl_clip, "kl_clip")
+        self.lr = check_positive(lr, "lr")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Invalid generator={generator!r}; must be a torch.Generator or None.")
+        if generator is None:
+            dev = (
+                next(iter(model.parameters())).device
+                if any(True for _ in model.parameters())
+                else "cpu"
+            )
+            generator = torch.Generator(device=dev)
+            generator.seed()
+        self.generator = generator
+        self.layers, self.skipped = find_kfac_layers(
+            model, None, check_choice(unsupported, "unsupported", UNSUPPORTED_POLICIES)
+        )
+        self.steps = 0
+        self.factors: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        self._eig: list[tuple | None] = [None] * len(self.layers)
+        self._reset_pending()
+        self._handles = [
+            layer.module.register_forward_hook(self._layer_hook(i))
+            for i, layer in enumerate(self.layers)
+        ]
+        self._handles.append(model.register_forward_hook(self._model_hook))
+        if self.fisher == "empirical":
+            if not isinstance(loss_fn, nn.Module):
+                raise TypeError("fisher='empirical' needs loss_fn to be an nn.Module.")
+            self._handles.append(loss_fn.register_forward_pre_hook(self._loss_hook))
+
+    # -- recording ----------------------------------------------------------------------
+    def _reset_pending(self) -> None:
+        L = len(self.layers)
+        self._A_sum: list[Tensor | None] = [None] * L
+        self._A_count = [0] * L
+        self._G_sum: list[Tensor | None] = [None] * L
+        self._G_count = [0] * L
+        self._outputs: dict[int, list[Tensor]] = {}
+
+    def _recording(self) -> bool:
+        return torch.is_grad_enabled() and self.steps % self.factor_update_interval == 0
+
+    def _layer_hook(self, i: int) -> Callable:
+        layer = self.layers[i]
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if not self._recording():
+                return
+            s, m = layer.a_sum(args[0])
+            self._A_sum[i] = s if self._A_sum[i] is None else self._A_sum[i] + s
+            self._A_count[i] += m
+            if isinstance(output, Tensor) and output.requires_grad:
+                self._outputs.setdefault(i, []).append(output)
+
+        return hook
+
+    def _model_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._recording() or not self._outputs:
+            return
+        if self.fisher == "empirical":
+            return  # done in the loss hook, at the observed targets
+        self._accumulate_g(output, None)
+
+    def _loss_hook(self, module: nn.Module, args: tuple) -> None:
+        if not self._recording() or not self._outputs or len(args) < 2:
+            return
+        self._accumulate_g(args[0], args[1])
+
+    def _accumulate_g(self, f: Any, targets: Tensor | None) -> None:
+        outputs, self._outputs = self._outputs, {}
+        if not isinstance(f, Tensor) or not f.requires_grad:
+            raise TypeError(
+                "KFACPreconditioner expects the model to return the output tensor passed to "
+                f"loss_fn (with a graph); got {type(f).__name__}."
+            )
+        c = reduction_scale(self.kind, self.reduction, f)
+        gs = output_gradient_factors(
+            self.layers,
+            outputs,
+            f,
+            fisher=self.fisher,
+            kind=self.kind,
+            targets=targets,
+            num_samples=self.num_samples,
+            generator=self.generator,
+        )
+        for i, g in gs.items():
+            g = c * g
+            self._G_sum[i] = g if self._G_sum[i] is None else self._G_sum[i] + g
+            self._G_count[i] += 1
+
+    # -- step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_factors(self) -> None:
+        """Fold the statistics recorded since the last call into the running averages."""
+        rho = self.factor_decay
+        for i in range(len(self.layers)):
+            if self._A_sum[i] is None or self._G_sum[i] is None:
+                continue
+            A = self._A_sum[i] / self._A_count[i]
+            G = self._G_sum[i] / self._G_count[i]
+            old = self.factors[i]
+            if old is None:
+                self.factors[i] = (A, G)
+            else:
+                self.factors[i] = (rho * old[0] + (1 - rho) * A, rho * old[1] + (1 - rho) * G)
+        self._reset_pending()
+
+    @torch.no_grad()
+    def update_inverses(self) -> None:
+        """Recompute the eigendecompositions of all factors."""
+        self._eig = [None if f is None else eigen_factors(*f) for f in self.factors]
+
+    @torch.no_grad()
+    def precondition(self) -> Tensor | None:
+        """Overwrite ``p.grad`` of every factored layer by its preconditioned gradient.
+
+        Returns the KL-clipping scale (a 0-d tensor) or ``None``.
+        """
+        factored = self.damping_mode == "factored"
+        todo = []
+        for layer, eig in zip(self.layers, self._eig):
+            params = layer.params
+            if eig is None or any(p.grad is None for p in params):
+                continue
+            grad_mat = layer.to_matrix([p.grad.unsqueeze(0) for p in params])
+            D = eigen_solve(layer, eig, grad_mat, self.damping, factored=factored)
+            todo.append((layer, D, grad_mat))
+        nu = None
+        if self.kl_clip is not None and todo:
+            vg = sum((D * g).sum() for _, D, g in todo)
+            vg = vg + sum(
+                (p.grad * p.grad).sum() for p in self._skipped_params() if p.grad is not None
+            )
+            nu = torch.clamp((self.kl_clip / (self.lr**2 * vg.clamp_min(1e-30))).sqrt(), max=1.0)
+        for layer, D, _ in todo:
+            if nu is not None:
+                D = D * nu
+            for p, d in zip(layer.params, layer.from_matrix(D)):
+                p.grad.copy_(d.reshape(p.shape))
+        if nu is not None:
+            for p in self._skipped_params():
+                if p.grad is not None:
+                    p.grad.mul_(nu)
+        return nu
+
+    def _skipped_params(self) -> list[Tensor]:
+        named = dict(self.model.named_parameters())
+        return [named[n] for n in self.skipped]
+
+    def step(self) -> Tensor | None:
+        """Update factors/inverses when due, then precondition the gradients in place.
+
+        Returns the KL-clipping factor ``nu`` (0-d tensor), or ``None`` without ``kl_clip``.
+        """
+        if self.steps % self.factor_update_interval == 0:
+            self.update_factors()
+        if self.steps % self.inverse_update_interval == 0 or any(
+            e is None and f is not None for e, f in zip(self._eig, self.factors)
+        ):
+            self.update_inverses()
+        nu = self.precondition()
+        self.steps += 1
+        return nu
+
+    # -- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "factors": [None if f is None else (f[0].clone(), f[1].clone()) for f in self.factors],
+            "eig": [
+                None if e is None else tuple(None if t is None else t.clone() for t in e)
+                for e in self._eig
+            ],
+            "generator": self.generator.get_state(),
+            "damping": self.damping,
+            "lr": self.lr,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["factors"]) != len(self.layers):
+            raise ValueError(
+                f"State holds {len(state['factors'])} K-FAC layers, the model has "
+                f"{len(self.layers)}."
+            )
+        self.steps = int(state["steps"])
+        self.factors = [
+            None if f is None else (f[0].clone(), f[1].clone()) for f in state["factors"]
+        ]
+        self._eig = [
+            None if e is None else tuple(None if t is None else t.clone() for t in e)
+            for e in state["eig"]
+        ]
+        self.generator.set_state(state["generator"])
+        self.damping = float(state["damping"])
+        self.lr = float(state["lr"])
+        self._reset_pending()
+
+    def remove(self) -> None:
+        """Remove all hooks (the preconditioner stops recording)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{layer.name or '<root>'}:{layer.kind}" for layer in self.layers)
+        return f"KFACPreconditioner(fisher={self.fisher!r}, layers=[{names}])"
+
+
+class KFAC(Optimizer):
+    """K-FAC optimizer (Martens & Grosse 2015): momentum SGD on the K-FAC direction.
+
+    Usage is that of any torch optimizer (forward, ``loss.backward()``, ``opt.step()``), or
+    ``opt.step(closure)``. Per step::
+
+        g <- grad + weight_decay * p
+        d <- KFACPreconditioner(g)         # factors, damping, KL clipping: see there
+        buf <- momentum * buf + d
+        p <- p - lr * buf
+
+    Note:
+        ``step`` overwrites ``p.grad`` with the preconditioned direction ``d``.
+
+    Args:
+        model: the network (all its trainable parameters are optimised).
+        loss_fn: the likelihood loss (see :class:`KFACPreconditioner`).
+        lr: learning rate ``> 0``.
+        momentum: heavy-ball momentum in ``[0, 1)``.
+        damping: Tikhonov damping ``> 0`` (per-optimizer; schedulable via
+            ``param_groups[0]["damping"]``).
+        weight_decay: L2 coefficient ``>= 0``, added to the gradient before preconditioning.
+        kl_clip: KL-clipping bound or ``None`` (default ``1e-2``).
+        **kwargs: ``fisher``, ``num_samples``, ``damping_mode``, ``factor_decay``,
+            ``factor_update_interval``, ``inverse_update_interval``, ``unsupported``,
+            ``generator`` as in :class:`KFACPreconditioner`.
+
+    Example:
+        >>> opt = KFAC(model, nn.CrossEntropyLoss(), lr=0.1)
+        >>> loss = opt.loss_fn(model(X), y); loss.backward(); opt.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        kl_clip: float | None = 1e-2,
+        **kwargs: Any,
+    ):
+        check_positive(lr, "lr")
+        _check_decay(momentum, "momentum")
+        check_positive(damping, "damping")
+        check_nonnegative(weight_decay, "weight_decay")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("The model has no parameters that require grad.")
+        defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.preconditioner = KFACPreconditioner(
+            model, loss_fn, damping=damping, kl_clip=kl_clip, lr=lr, **kwargs
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            check_positive(group["lr"], "lr")
+            wd = group["weight_decay"]
+            if wd:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.add_(p, alpha=wd)
+        pre = self.preconditioner
+        pre.damping = check_positive(self.param_groups[0]["damping"], "damping")
+        pre.lr = self.param_groups[0]["lr"]
+        pre.step()
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if mom:
+                    st = self.state[p]
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(mom).add_(d)
+                    d = buf
+                p.add_(d, alpha=-lr)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["kfac"] = self.preconditioner.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        kfac = state_dict.pop("kfac", None)
+        super().load_state_dict(state_dict)
+        if kfac is not None:
+            self.preconditioner.load_state_dict(kfac)
