@@ -6,8 +6,21 @@
 
 With ``reduction="mean"`` the value is the mean over all ``N`` samples (exactly what the loss
 would give on the concatenated data), not the mean of batch means: batch ``b`` of size ``B_b``
-gets weight ``B_b / N``. With ``reduction="sum"`` every batch has weight 1. Under
-``torch.distributed`` ``N`` is the global count over all ranks and products are all-reduced.
+gets weight ``B_b / N``. With ``reduction="sum"`` every batch has weight 1.
+
+Micro-batching: with ``micro_batch_size=m`` every batch is split along its first dimension
+into chunks of at most ``m`` samples, each weighted exactly like a batch of its size, so the
+value, gradient and every curvature product are unchanged (up to rounding) while only one
+chunk's graph needs to be alive at a time (see ``cache_graph`` on the operators).
+
+Data parallelism: under ``torch.distributed`` every rank holds its own shard of the data.
+``N`` is the global sample count (shards may have unequal sizes), the per-rank sums of
+losses, gradients and curvature products are all-reduced, and the regulariser and weight
+decay are added once, after the reduction. Every rank then sees the same function and the
+same operator, so algorithms run unchanged and give identical results on all ranks.
+
+Reductions (over chunks, batches and ranks) are accumulated in ``accumulation_dtype``:
+float64 by default for lower-precision models whenever more than one term is summed.
 """
 
 from __future__ import annotations
@@ -19,9 +32,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import NonFiniteError, check_finite, check_nonnegative, warn_once
+from ._checks import NonFiniteError, check_finite, check_int, check_nonnegative, warn_once
 
-__all__ = ["Objective", "resolve_params"]
+__all__ = ["Objective", "resolve_params", "math_attention"]
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Select the math backend of ``scaled_dot_product_attention`` for the duration.
+
+    PyTorch's fused CPU attention kernels (flash) have no double backward
+    (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented``), so a graph built for curvature products through ``nn.MultiheadAttention``
+    or ``nn.TransformerEncoderLayer`` must use the math decomposition, which is twice
+    differentiable and gives the same function.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
 _DROPOUT = (
@@ -131,6 +164,20 @@ class Objective:
         reduction: override for loss callables without a ``reduction`` attribute.
         check_determinism: probe the data and model once for randomness.
         distributed: all-reduce over ``torch.distributed`` (default: when it is initialised).
+            Each rank passes its own shard of the data; the model (e.g. the ``.module`` of a
+            ``DistributedDataParallel`` wrapper, unwrapped automatically) must hold the same
+            parameters on every rank (checked once).
+        process_group: the ``torch.distributed`` group to reduce over (default: the world).
+        micro_batch_size: split every batch into chunks of at most this many samples (exact
+            normalisation is kept). Bounds the memory of one forward/backward pass.
+        accumulation_dtype: dtype of the sums over chunks, batches and ranks. Default:
+            ``torch.float64`` for lower-precision parameters when more than one term is
+            summed (several chunks or ranks), else the parameter dtype.
+
+    Raises:
+        ValueError: bad reduction, empty data, non-deterministic data or model, parameters
+            that differ between ranks, ``micro_batch_size < 1``.
+        TypeError: wrong kinds of model, data or parameters.
     """
 
     def __init__(
@@ -147,6 +194,9 @@ class Objective:
         reduction: str | None = None,
         check_determinism: bool = True,
         distributed: bool | None = None,
+        process_group: Any = None,
+        micro_batch_size: int | None = None,
+        accumulation_dtype: torch.dtype | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -172,6 +222,9 @@ class Objective:
         self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
         self.regularizer = regularizer
         self.train_mode = bool(train_mode)
+        self.micro_batch_size = (
+            None if micro_batch_size is None else check_int(micro_batch_size, "micro_batch_size")
+        )
         self._apply_mode_policy(allow_dropout)
 
         if _is_batch(data):
@@ -193,15 +246,69 @@ class Objective:
         if not sizes:
             raise ValueError("data is empty: expected at least one (X, y) batch.")
         self.num_batches = len(sizes)
+        self.batch_sizes = sizes
         self.local_N = sum(sizes)
         if distributed is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            raise ValueError(
+                "distributed=True but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group(...) first, or pass distributed=False."
+            )
         self.distributed = bool(distributed)
-        N = torch.tensor(float(self.local_N), dtype=torch.float64)
+        self.process_group = process_group
+        self.world_size = torch.distributed.get_world_size(process_group) if self.distributed else 1
+        if accumulation_dtype is None:
+            many = len(self.chunk_sizes) > 1 or self.world_size > 1
+            low = self.dtype.is_floating_point and torch.finfo(self.dtype).bits < 64
+            accumulation_dtype = torch.float64 if (many and low) else self.dtype
+        if not (
+            isinstance(accumulation_dtype, torch.dtype) and accumulation_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"Invalid accumulation_dtype={accumulation_dtype!r}; must be a floating "
+                "torch.dtype such as torch.float64."
+            )
+        self.accumulation_dtype = accumulation_dtype
+        N = torch.tensor(float(self.local_N), dtype=torch.float64, device=self.device)
         self.all_reduce(N)
         self.N = int(N.item())
+        if self.distributed:
+            self._check_same_params()
         if check_determinism:
             self._probe_determinism(allow_dropout)
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        """Local sizes of the chunks the data loop visits (batches split by micro-batching)."""
+        m = self.micro_batch_size
+        if m is None:
+            return list(self.batch_sizes)
+        out = []
+        for B in self.batch_sizes:
+            out.extend([m] * (B // m) + ([B % m] if B % m else []))
+        return out
+
+    def _check_same_params(self) -> None:
+        dist = torch.distributed
+        with torch.no_grad():
+            local = torch.stack(
+                [
+                    sum(p.double().sum() for p in self.params.values()),
+                    sum(p.double().pow(2).sum() for p in self.params.values()),
+                ]
+            ).to(self.device)
+        hi, lo = local.clone(), local.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.process_group)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.process_group)
+        if not torch.equal(hi, lo):
+            raise ValueError(
+                "The model parameters differ between ranks; data-parallel curvature needs the "
+                "same parameters on every rank (broadcast them from rank 0, e.g. by wrapping "
+                "the model in DistributedDataParallel, or seed the initialisation identically)."
+            )
 
     # -- policy -------------------------------------------------------------------------
     def _apply_mode_policy(self, allow_dropout: bool) -> None:
@@ -217,7 +324,8 @@ class Objective:
             if has_bn:
                 warn_once(
                     "Evaluating BatchNorm in train mode: batch statistics couple the "
-                    "samples of a batch, so the curvature depends on the batching."
+                    "samples of a batch, so the curvature depends on the batching"
+                    + (" (and on micro_batch_size)." if self.micro_batch_size is not None else ".")
                 )
         elif self.model.training and (has_bn or self._has_dropout):
             warn_once(
@@ -235,6 +343,15 @@ class Objective:
             yield
         finally:
             self.model.train(was)
+
+    @contextlib.contextmanager
+    def curvature_mode(self):
+        """:meth:`mode` plus the twice-differentiable (math) attention backend.
+
+        Used around every graph that second-order products differentiate through.
+        """
+        with self.mode(), math_attention():
+            yield
 
     def _probe_determinism(self, allow_dropout: bool) -> None:
         if not isinstance(self._data, list):
@@ -260,10 +377,7 @@ class Objective:
     @staticmethod
     def _batch_size(batch: Any) -> int:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(
-                "Each batch must be an (X, y) pair; got "
-                f"{type(batch).__name__}."
-            )
+            raise TypeError(f"Each batch must be an (X, y) pair; got {type(batch).__name__}.")
         y = batch[1]
         if not isinstance(y, Tensor) or y.ndim == 0:
             raise TypeError(
@@ -273,10 +387,31 @@ class Objective:
         return int(y.shape[0])
 
     def batches(self) -> Iterator[tuple[Any, Tensor, float]]:
-        """Yield ``(X, y, weight)`` with the exact normalisation weight of each batch."""
+        """Yield ``(X, y, weight)`` with the exact normalisation weight of each chunk.
+
+        Batches are split into chunks of at most ``micro_batch_size`` samples if it is set.
+        """
+        m = self.micro_batch_size
         for X, y in self._data:
-            w = (y.shape[0] / self.N) if self.reduction == "mean" else 1.0
-            yield X, y, w
+            if m is None or y.shape[0] <= m:
+                yield X, y, self._weight(y.shape[0])
+                continue
+            ys = torch.split(y, m)
+            if isinstance(X, (tuple, list)):
+                Xs = list(zip(*(torch.split(x, m) for x in X)))
+            else:
+                Xs = torch.split(X, m)
+            if len(Xs) != len(ys):
+                raise ValueError(
+                    "micro_batch_size needs inputs and targets with the same batch (first) "
+                    f"dimension; got targets of size {y.shape[0]} and inputs that split into "
+                    f"{len(Xs)} chunks instead of {len(ys)}."
+                )
+            for Xc, yc in zip(Xs, ys):
+                yield Xc, yc, self._weight(yc.shape[0])
+
+    def _weight(self, size: int) -> float:
+        return size / self.N if self.reduction == "mean" else 1.0
 
     def forward(self, X: Any) -> Tensor:
         return self.model(*X) if isinstance(X, (tuple, list)) else self.model(X)
@@ -307,31 +442,31 @@ class Objective:
         return tuple((p.data_ptr(), p._version) for p in self.params.values())
 
     def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum ``t`` in place over the ranks (a no-op when not distributed)."""
         if self.distributed:
-            torch.distributed.all_reduce(t)
+            torch.distributed.all_reduce(t, group=self.process_group)
         return t
 
     def value_and_grad(self) -> tuple[Tensor, Tensor]:
         """Total loss and its flat gradient w.r.t. the selected parameters (float64 sums)."""
         plist = list(self.params.values())
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        grad = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        grad = torch.zeros(self.n, dtype=self.accumulation_dtype, device=self.device)
         with self.mode():
             for X, y, w in self.batches():
                 with torch.enable_grad():
                     loss = self.batch_loss(self.forward(X), y, w)
                     gs = torch.autograd.grad(loss, plist, allow_unused=True)
                 total += loss.detach().double()
-                grad += torch.cat(
-                    [
-                        torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-                        if g is None
-                        else g.reshape(-1)
-                        for g, p in zip(gs, plist)
-                    ]
-                )
+                i = 0
+                for g, p in zip(gs, plist):
+                    if g is not None:
+                        grad[i : i + p.numel()] += g.reshape(-1)
+                    i += p.numel()
+                del gs, loss
         self.all_reduce(total)
         self.all_reduce(grad)
+        grad = grad.to(self.dtype)
         if self.weight_decay:
             total += 0.5 * self.weight_decay * sum(p.detach().double().pow(2).sum() for p in plist)
             grad += self.weight_decay * torch.cat([p.detach().reshape(-1) for p in plist])
