@@ -1,0 +1,289 @@
+r"""Saliencies: the predicted loss increase of removing weights (no model is modified here).
+
+Around a minimum the loss change of a weight perturbation :math:`\delta` is modelled by the
+quadratic :math:`\Delta L \approx \tfrac12 \delta^\top H \delta` (the gradient term is
+dropped), with :math:`H` the Hessian, the GGN or the empirical Fisher. Removing weight
+:math:`q` means :math:`\delta_q = -w_q`:
+
+* **OBD** (LeCun, Denker & Solla 1990) keeps the other weights fixed and uses the diagonal:
+  :math:`s_q = \tfrac12 H_{qq} w_q^2`.
+* **OBS** (Hassibi & Stork 1993) lets the other weights move to compensate; the optimal move
+  and its cost are
+
+  .. math::
+      \delta = -\frac{w_q}{[H^{-1}]_{qq}} H^{-1} e_q, \qquad
+      s_q = \frac{w_q^2}{2\,[H^{-1}]_{qq}},
+
+  and for a group :math:`Q` (a row of ``W``) :math:`s_Q = \tfrac12 w_Q^\top ([H^{-1}]_{QQ})^{-1}
+  w_Q`, :math:`\delta = -H^{-1} E_Q ([H^{-1}]_{QQ})^{-1} w_Q`.
+
+Weights already removed are handled by restricting :math:`H` to the free weights: the masked
+matrix :math:`A = M H M + (I - M)` (``M`` the diagonal 0/1 mask) has
+:math:`A^{-1} = (H_{FF})^{-1}` on the free block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_choice, check_int, check_positive
+from ._factors import block_diagonal, block_size_for, diagonal
+from ._layers import WeightRef, compressible_weights, current_mask
+
+__all__ = [
+    "magnitude_saliency",
+    "obd_saliency",
+    "obs_saliency",
+    "obs_single_update",
+    "curvature_diagonal",
+    "curvature_blocks",
+    "masked_inverse",
+    "obs_group_saliency",
+    "obs_masked_update",
+    "damped",
+]
+
+
+# -- dense OBS algebra (pure functions on tensors) --------------------------------------------
+
+
+def obs_single_update(w: Tensor, H_inv: Tensor, q: int) -> tuple[Tensor, Tensor]:
+    r"""OBS for one weight: returns ``(saliency, delta)`` with ``w + delta`` having ``w_q = 0``.
+
+    .. math:: s_q = \frac{w_q^2}{2 [H^{-1}]_{qq}}, \qquad
+              \delta = -\frac{w_q}{[H^{-1}]_{qq}} H^{-1} e_q
+
+    ``s_q`` equals ``0.5 * delta @ H @ delta`` exactly, the smallest quadratic-model loss
+    increase over all ``delta`` with ``delta_q = -w_q``.
+
+    Args:
+        w: ``(n,)`` weights.
+        H_inv: ``(n, n)`` inverse curvature.
+        q: index of the weight to remove.
+
+    Example:
+        >>> H = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> s, d = obs_single_update(torch.tensor([1.0, 1.0], dtype=torch.float64),
+        ...                          torch.linalg.inv(H), 0)
+        >>> float(s), d.tolist()   # w2 moves to 1.5; cost 0.5*d^T H d = 0.75
+        (0.75, [-1.0, 0.5])
+    """
+    hqq = H_inv[q, q]
+    delta = -(w[q] / hqq) * H_inv[:, q]
+    return w[q] ** 2 / (2 * hqq), delta
+
+
+def damped(H: Tensor, damping: float) -> tuple[Tensor, float]:
+    """``H + lambda I`` with ``lambda = damping * mean(diag H)`` (over all blocks)."""
+    lam = damping * float(torch.diagonal(H, dim1=-2, dim2=-1).mean().clamp_min(1e-30))
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    return H + lam * eye, lam
+
+
+def masked_inverse(H: Tensor, mask: Tensor) -> Tensor:
+    """``(H_FF)^-1`` on the free entries (``mask`` True), identity on removed ones; batched.
+
+    Args:
+        H: ``(b, s, s)`` positive definite blocks.
+        mask: ``(b, s)`` bool, True = weight still present.
+    """
+    m = mask.to(H.dtype)
+    A = H * m.unsqueeze(-1) * m.unsqueeze(-2)
+    A = A + torch.diag_embed(1 - m)
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool((info > 0).any()):
+        raise ValueError("The damped curvature block is not positive definite; increase damping.")
+    return torch.cholesky_inverse(L)
+
+
+def obs_saliency(w: Tensor, H_inv: Tensor, mask: Tensor | None = None) -> Tensor:
+    """OBS saliency ``w_q^2 / (2 [H^-1]_qq)`` per entry (``inf`` for removed ones); batched.
+
+    Args:
+        w: ``(b, s)`` weights per block.
+        H_inv: ``(b, s, s)`` inverse of the (masked) curvature blocks.
+        mask: ``(b, s)`` bool, True = present.
+    """
+    d = torch.diagonal(H_inv, dim1=-2, dim2=-1)
+    s = w.pow(2) / (2 * d)
+    if mask is not None:
+        s = torch.where(mask, s, torch.full_like(s, float("inf")))
+    return s
+
+
+def obs_group_saliency(w: Tensor, H_inv: Tensor, group: int, mask: Tensor | None = None) -> Tensor:
+    """OBS saliency of groups of ``group`` consecutive entries: ``0.5 w_Q^T ([H^-1]_QQ)^-1 w_Q``.
+
+    Args:
+        w: ``(b, s)``; ``s`` a multiple of ``group``.
+        H_inv: ``(b, s, s)``.
+        group: entries per group (a row of the weight).
+        mask: ``(b, s)`` bool; a group counts as removed when all its entries are.
+
+    Returns:
+        ``(b, s // group)`` saliencies (``inf`` for removed groups).
+    """
+    b, s = w.shape
+    k = s // group
+    Hb = H_inv.reshape(b, k, group, k, group)
+    idx = torch.arange(k, device=w.device)
+    D = Hb[:, idx, :, idx, :].permute(1, 0, 2, 3)  # (b, k, g, g)
+    wg = w.reshape(b, k, group, 1)
+    sal = 0.5 * (wg * torch.linalg.solve(D, wg)).sum((-1, -2))
+    if mask is not None:
+        alive = mask.reshape(b, k, group).any(-1)
+        sal = torch.where(alive, sal, torch.full_like(sal, float("inf")))
+    return sal
+
+
+def obs_masked_update(w: Tensor, H: Tensor, new_mask: Tensor) -> Tensor:
+    r"""Weights after removing everything outside ``new_mask`` with the optimal OBS correction.
+
+    Solves :math:`\min_\delta \tfrac12 \delta^\top H \delta` subject to
+    :math:`(w + \delta)_q = 0` for every removed ``q``: the free weights move by
+    :math:`\delta_F = H_{FF}^{-1} H_{FR} w_R` (``R`` the removed set). For a single removed
+    weight this is :func:`obs_single_update`; batched over blocks.
+
+    Args:
+        w: ``(b, s)`` current weights.
+        H: ``(b, s, s)`` damped curvature blocks (positive definite).
+        new_mask: ``(b, s)`` bool, True = kept.
+
+    Returns:
+        ``(b, s)`` new weights, exactly zero outside ``new_mask``.
+    """
+    m = new_mask.to(H.dtype)
+    removed = w * (1 - m)
+    rhs = m * (H @ removed.unsqueeze(-1)).squeeze(-1)
+    A = H * m.unsqueeze(-1) * m.unsqueeze(-2) + torch.diag_embed(1 - m)
+    delta = torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)
+    return m * (w + delta)
+
+
+# -- curvature of a model's weights -----------------------------------------------------------
+
+_DIAG_CURVATURES = ("ggn", "fisher", "hessian")
+
+
+def curvature_diagonal(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    curvature: str = "ggn",
+    layers: Sequence[str] | None = None,
+    exact_max: int = 4096,
+    num_matvecs: int = 100,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 256,
+) -> dict[str, Tensor]:
+    """Diagonal of the curvature of every compressible weight, shaped like the weight.
+
+    ``"ggn"`` and ``"fisher"`` (empirical) diagonals are exact, from per-sample square-root
+    factors (cost about ``C`` per-sample gradients per sample). The ``"hessian"`` diagonal is
+    exact (``n`` Hessian-vector products of the layer block) for layers with at most
+    ``exact_max`` weights, else a Hutchinson estimate (Bekas et al. 2007) with
+    ``num_matvecs`` Rademacher probes from ``generator``.
+    """
+    curvature = check_choice(curvature, "curvature", _DIAG_CURVATURES)
+    refs = compressible_weights(model, layers)
+    if curvature != "hessian":
+        return diagonal(model, loss_fn, data, refs, curvature, chunk_size=chunk_size)
+    from ..linalg import exact_diagonal, hutchinson_diagonal
+    from ..operators import HessianOperator
+
+    out = {}
+    for ref in refs:
+        op = HessianOperator(model, loss_fn, data, params=[ref.param_name])
+        if ref.numel <= exact_max:
+            d = exact_diagonal(op).estimate
+        else:
+            d = hutchinson_diagonal(op, num_matvecs, generator=generator).estimate
+        out[ref.name] = d.reshape(ref.param.shape)
+    return out
+
+
+def curvature_blocks(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    curvature: str = "ggn",
+    block_size: int | None = 128,
+    layers: Sequence[str] | None = None,
+    chunk_size: int = 256,
+) -> dict[str, Tensor]:
+    """Exact diagonal blocks ``(num_blocks, s, s)`` of the GGN / empirical Fisher of each weight.
+
+    A block holds ``s`` consecutive entries of the flattened weight: whole rows (the incoming
+    weights of ``s / row`` units) whenever ``block_size`` is at least one row.
+    ``block_size=None`` gives each layer's whole block (``n x n``).
+    """
+    refs = compressible_weights(model, layers)
+    if block_size is not None:
+        check_int(block_size, "block_size")
+    return block_diagonal(
+        model, loss_fn, data, refs, curvature, block_size=block_size, chunk_size=chunk_size
+    )
+
+
+def magnitude_saliency(
+    model: nn.Module, *, layers: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """``w_q^2`` for every compressible weight (``inf`` where already removed)."""
+    out = {}
+    for ref in compressible_weights(model, layers):
+        w = ref.weight.detach()
+        out[ref.name] = torch.where(current_mask(ref), w.pow(2), torch.full_like(w, float("inf")))
+    return out
+
+
+def obd_saliency(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    curvature: str = "ggn",
+    layers: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> dict[str, Tensor]:
+    r"""OBD saliency :math:`\tfrac12 H_{qq} w_q^2` of every compressible weight.
+
+    Args:
+        model, loss_fn, data: as for :class:`hesse.HessianOperator`.
+        curvature: ``"ggn"`` (default, exact diagonal), ``"fisher"`` (empirical, exact) or
+            ``"hessian"`` (exact for small layers, else Hutchinson; see
+            :func:`curvature_diagonal`).
+        layers: module names (default every Linear/Conv layer).
+        **kwargs: ``exact_max``, ``num_matvecs``, ``generator``, ``chunk_size``.
+
+    Returns:
+        ``{weight name: saliency shaped like the weight}``; ``inf`` where already removed.
+
+    References:
+        LeCun, Denker & Solla (1990), Optimal Brain Damage. NeurIPS 2.
+    """
+    diag = curvature_diagonal(model, loss_fn, data, curvature=curvature, layers=layers, **kwargs)
+    out = {}
+    for ref in compressible_weights(model, layers):
+        w = ref.weight.detach()
+        s = 0.5 * diag[ref.name] * w.pow(2)
+        out[ref.name] = torch.where(current_mask(ref), s, torch.full_like(s, float("inf")))
+    return out
+
+
+def layer_obs_saliency(ref: WeightRef, H: Tensor, mask: Tensor, damping: float = 1e-4) -> Tensor:
+    """OBS saliencies of one weight from its curvature blocks ``H`` (shaped like the weight)."""
+    check_positive(damping, "damping")
+    s = H.shape[-1]
+    Hd, _ = damped(H.double(), damping)
+    w = ref.weight.detach().double().reshape(-1, s)
+    m = mask.reshape(-1, s)
+    return obs_saliency(w, masked_inverse(Hd, m), m).reshape(ref.param.shape)
+
+
+__all__ += ["layer_obs_saliency", "block_size_for"]
