@@ -71,3 +71,7 @@ __all__ += [
     "spectral_density",
     "top_eigenpairs",
 ]
+
+from .analysis.tracker import SharpnessTracker  # noqa: E402
+
+__all__ += ["SharpnessTracker"]

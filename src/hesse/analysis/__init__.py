@@ -18,6 +18,13 @@ from .sharpness import (
     flatness_metrics,
     lambda_max,
 )
+from .tracker import (
+    EdgeOfStabilityWarning,
+    SharpnessRecord,
+    SharpnessTracker,
+    adam_preconditioner,
+    lightning_callback,
+)
 
 __all__: list[str] = [
     "LossSlice",
@@ -34,4 +41,9 @@ __all__: list[str] = [
     "epsilon_sharpness",
     "flatness_metrics",
     "lambda_max",
+    "EdgeOfStabilityWarning",
+    "SharpnessRecord",
+    "SharpnessTracker",
+    "adam_preconditioner",
+    "lightning_callback",
 ]
