@@ -8,6 +8,7 @@ from .landscape import (
     perturbed_parameters,
     random_direction,
 )
+from .saddle import EscapeStep, NegativeCurvature, detect_negative_curvature, escape_step
 from .sharpness import (
     FlatnessMetrics,
     SharpnessResult,
@@ -46,4 +47,8 @@ __all__: list[str] = [
     "SharpnessTracker",
     "adam_preconditioner",
     "lightning_callback",
+    "EscapeStep",
+    "NegativeCurvature",
+    "detect_negative_curvature",
+    "escape_step",
 ]
