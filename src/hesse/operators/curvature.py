@@ -251,8 +251,6 @@ class HessianOperator(CurvatureOperator):
     def _batch_product(self, cache: Any, parts: list[Tensor]) -> list[Tensor]:
         if self.mode == "fwd-rev":
             return self._fwd_rev(*cache, parts)
-        if parts[0].shape[0] == 1:
-            return [t.unsqueeze(0) for t in cache.hvp([p[0] for p in parts])]
         return cache.hmp(parts)
 
     def _fwd_rev(self, X: Any, y: Tensor, w: float, parts: list[Tensor]) -> list[Tensor]:
