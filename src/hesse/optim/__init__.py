@@ -1,7 +1,46 @@
-"""Second-order optimizers as ``torch.optim.Optimizer`` subclasses, and preconditioners."""
+"""Second-order optimizers as ``torch.optim.Optimizer`` subclasses, and preconditioners.
+
+**The closure contract** (one for every method here: switching from ``LBFGS`` to ``Newton``
+or ``HessianFree`` is a one-line change)::
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)      # a scalar tensor
+        loss.backward()
+        return loss                      # or (loss, outputs): see below
+    opt.step(closure)
+
+* ``step(closure)`` performs exactly one iteration (one direction and its step), so
+  iteration counts compare with scipy's ``nit``. It returns the loss at the starting point.
+  ``closure`` is required; it may be called several times (line search, trust-region trial
+  points, backtracking) and must compute the same deterministic function each time.
+* The closure must return a scalar tensor (else ``TypeError``/``ValueError``) and call
+  ``backward()``; parameters that get no gradient count as zero-gradient (warned once); if
+  none does, ``ValueError``. A NaN/inf loss or gradient at the starting point of a step raises
+  :class:`~hesse.NonFiniteError`; at a trial point it shrinks the step or restarts the method
+  (``counters["restarts"]``), never leaving NaN parameters.
+* Second derivatives (``Newton``, ``HessianFree(curvature="hessian")``) need nothing from the
+  user: the optimizer re-runs the same closure in a mode where ``backward()`` keeps the
+  gradient's graph (``torch.autograd.grad(..., create_graph=True)``, ``p.grad`` still receives
+  the plain gradient) and takes Hessian-vector products from it. This patches
+  ``torch.autograd.backward`` while the closure runs (not thread safe).
+* Model outputs, for methods that need them (``HessianFree(curvature="ggn")``, the
+  Gauss-Newton), are passed in exactly one way: the closure returns ``(loss, outputs)``
+  instead of ``loss``. Every method accepts that form and ignores ``outputs`` if unused.
+* Parameter groups are concatenated into one vector; algorithm hyperparameters must agree
+  across groups (``ValueError`` otherwise), only ``lr`` may differ (it then scales each
+  group's part of the step). ``opt.counters`` holds iterations, function and gradient
+  evaluations, HVPs and restarts; ``state_dict``/``load_state_dict`` resume bit-identically.
+"""
 
 __all__: list[str] = []
 
 from .kfac import KFAC, KFACPreconditioner  # noqa: E402
 
 __all__ += ["KFAC", "KFACPreconditioner"]
+
+from .hessian_free import HessianFree  # noqa: E402
+from .newton import Newton  # noqa: E402
+from .quasi_newton import BFGS, DFP, LBFGS, SR1  # noqa: E402
+
+__all__ += ["BFGS", "DFP", "HessianFree", "LBFGS", "Newton", "SR1"]
