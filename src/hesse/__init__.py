@@ -75,3 +75,7 @@ __all__ += [
 from .analysis.tracker import SharpnessTracker  # noqa: E402
 
 __all__ += ["SharpnessTracker"]
+
+from .analysis.preflight import PreflightEstimate, estimate  # noqa: E402
+
+__all__ += ["PreflightEstimate", "estimate"]

@@ -26,8 +26,13 @@ from .tracker import (
     adam_preconditioner,
     lightning_callback,
 )
+from .preflight import AllocationTracker, PreflightEstimate, estimate, process_memory
 
 __all__: list[str] = [
+    "AllocationTracker",
+    "PreflightEstimate",
+    "estimate",
+    "process_memory",
     "LossSlice",
     "LossSurface2D",
     "loss_slice",
