@@ -6,6 +6,15 @@ and :func:`quantize` then change the model in place.
 
 from ._layers import WeightRef, compressible_weights
 from .prune import PruneMethod, prune, sparsity_of
+from .quantize import (
+    QuantizeResult,
+    QuantMethod,
+    layer_inputs_hessian,
+    quantization_grid,
+    quantize,
+    quantize_obs,
+    quantize_rtn,
+)
 from .saliency import (
     curvature_blocks,
     curvature_diagonal,
@@ -14,9 +23,28 @@ from .saliency import (
     obs_saliency,
     obs_single_update,
 )
+from .sensitivity import (
+    BitAllocation,
+    SensitivityResult,
+    allocate_bits,
+    layer_sensitivity,
+    spearman,
+)
 
 __all__ = [
+    "BitAllocation",
     "PruneMethod",
+    "QuantMethod",
+    "QuantizeResult",
+    "SensitivityResult",
+    "allocate_bits",
+    "layer_inputs_hessian",
+    "layer_sensitivity",
+    "quantization_grid",
+    "quantize",
+    "quantize_obs",
+    "quantize_rtn",
+    "spearman",
     "WeightRef",
     "compressible_weights",
     "curvature_blocks",
