@@ -152,7 +152,9 @@ def quantize_obs(
     per-row grids: the OBS column pass (Cholesky form), then ``refine`` passes of exact
     coordinate descent on the same objective (each can only lower it). With
     ``grid="search"`` the pass runs for ``num_grid`` clippings of the grid at once and every
-    row keeps the one with the smallest output error (``"minmax"``: the RTN grid only).
+    row keeps the one with the smallest output error (``"minmax"``: the RTN grid only). The
+    round-to-nearest solution is always one of the candidates, so the output error is never
+    larger than RTN's.
 
     Args:
         W: weights, rows = output channels.
@@ -200,9 +202,13 @@ def quantize_obs(
     Qp = _nearest_plane(Wp.repeat(c, 1), U, scale, zero, maxq)
     Q = torch.empty_like(Qp)
     Q[:, perm] = Qp
+    # round-to-nearest on the min-max grid is one more candidate: never worse than RTN
+    s1, z1, _ = grids[0] if float(shrinks[0]) == 1.0 else quantization_grid(W, bits)
+    Q = torch.cat([Q, _q(W, s1, z1, maxq)])
+    scale, zero = torch.cat([scale, s1]), torch.cat([zero, z1])
     if refine:
-        Q = _refine(W.repeat(c, 1), Q, H_true, scale, zero, maxq, refine)
-    return _best_per_row(W, Q.reshape(c, rows, d), H_true)
+        Q = _refine(W.repeat(c + 1, 1), Q, H_true, scale, zero, maxq, refine)
+    return _best_per_row(W, Q.reshape(c + 1, rows, d), H_true)
 
 
 @dataclass(frozen=True)
