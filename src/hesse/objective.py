@@ -292,23 +292,30 @@ class Objective:
         return out
 
     def _check_same_params(self) -> None:
+        self.check_same_across_ranks(
+            list(self.params.values()),
+            "The model parameters differ between ranks; data-parallel curvature needs the "
+            "same parameters on every rank (broadcast them from rank 0, e.g. by wrapping "
+            "the model in DistributedDataParallel, or seed the initialisation identically).",
+        )
+
+    def check_same_across_ranks(self, tensors: Sequence[Tensor], message: str) -> None:
+        """Raise ``ValueError(message)`` on every rank if ``tensors`` differ between ranks.
+
+        Compares float64 checksums (sum and norm) with one small ``MAX`` all-reduce; a no-op
+        when not distributed.
+        """
+        if not self.distributed:
+            return
         dist = torch.distributed
         with torch.no_grad():
-            local = torch.stack(
-                [
-                    sum(p.double().sum() for p in self.params.values()),
-                    sum(p.double().pow(2).sum() for p in self.params.values()),
-                ]
-            ).to(self.device)
-        hi, lo = local.clone(), local.clone()
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.process_group)
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.process_group)
-        if not torch.equal(hi, lo):
-            raise ValueError(
-                "The model parameters differ between ranks; data-parallel curvature needs the "
-                "same parameters on every rank (broadcast them from rank 0, e.g. by wrapping "
-                "the model in DistributedDataParallel, or seed the initialisation identically)."
-            )
+            sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()
+            norms = torch.stack([torch.linalg.vector_norm(t).double() for t in tensors]).sum()
+            local = torch.stack([sums, norms]).to(self.device)
+        both = torch.cat([local, -local])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
+        if not torch.equal(both[:2], -both[2:]):
+            raise ValueError(message)
 
     # -- policy -------------------------------------------------------------------------
     def _apply_mode_policy(self, allow_dropout: bool) -> None:

@@ -150,6 +150,8 @@ class CurvatureOperator(LinearOperator):
             key = ob.state_key()
             if self._cache is None or key != self._key:
                 self._cache = None  # free the old graphs first
+                if self._key is not None:  # parameters changed since the last build
+                    ob._check_same_params()
                 with torch.enable_grad(), ob.curvature_mode():
                     self._cache = [self._build(X, y, w) for X, y, w in ob.batches()]
                 self._key = key
@@ -169,6 +171,12 @@ class CurvatureOperator(LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         ob = self.objective
         k = V.shape[1]
+        ob.check_same_across_ranks(
+            [V],
+            "The vectors multiplied differ between ranks. Under torch.distributed every rank "
+            "must run the same algorithm on the same vectors: pass the same generator seed on "
+            "every rank (e.g. generator=torch.Generator().manual_seed(0)), never None.",
+        )
         parts = unravel_block(V, ob.shapes)
         sizes = [s.numel() for s in ob.shapes]
         single = len(ob.chunk_sizes) == 1 and not ob.distributed
