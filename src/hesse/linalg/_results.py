@@ -80,10 +80,11 @@ class SpectralDensity:
             integrates to 1; on the log scale it integrates to the fraction of the spectrum
             above ``log_floor`` (the positive part).
         density_stderr: ``(g,)`` standard error of the mean across probes.
-        nodes: ``(num_probes, num_steps)`` Ritz values (quadrature nodes) per probe.
-        weights: ``(num_probes, num_steps)`` quadrature weights; each row sums to 1. A probe
-            whose Krylov space became invariant early is padded with zero weights (its last
-            node repeated).
+        nodes: ``(num_probes, k + num_steps)`` quadrature nodes per probe: the ``k`` deflated
+            eigenvalues (if any) then the Ritz values of the probe's Lanczos run.
+        weights: same shape; quadrature weights, each row sums to 1 (deflated eigenvalues
+            get ``1/n``). A probe whose Krylov space became invariant early is padded with
+            zero weights (its last node repeated).
         sigma: smoothing width (in eigenvalue units, or decades on the log scale).
         log_scale: whether ``grid``/``density`` are over ``log10(lambda)``.
         log_floor: eigenvalues ``<= log_floor`` are left out of the log-scale density.

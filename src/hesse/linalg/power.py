@@ -123,8 +123,8 @@ def power_iteration(
 
     while count < budget:
         w = project(op.matvec(v))
+        check_finite(w, f"the operator product at power iteration {count + 1}", result())
         count += 1
-        check_finite(w, f"the operator product at power iteration {count}", result())
         theta = v @ w
         res = (w - theta * v).norm()
         nw = w.norm()

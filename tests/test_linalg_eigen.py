@@ -1,0 +1,292 @@
+"""Lanczos, thick-restart top_eigenpairs and power iteration vs dense float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hesse
+from hesse.linalg import lanczos, power_iteration, top_eigenpairs
+from hesse.operators.base import DenseOperator, LinearOperator
+from hesse.testing import dense_hessian
+from tests.cases import CASES
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def with_spectrum(lam: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``Q diag(lam) Q^T`` with a Haar-random ``Q`` from a fixed generator."""
+    n = lam.numel()
+    Q, R = torch.linalg.qr(torch.randn(n, n, generator=gen(seed), dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(R))
+    A = (Q * lam) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+def gapped_spectrum(n: int = 120, seed: int = 0) -> torch.Tensor:
+    """A few separated outliers at both ends, a dense bulk in between."""
+    bulk = torch.rand(n - 8, generator=gen(seed + 100), dtype=torch.float64) * 2 - 1
+    top = torch.tensor([10.0, 8.0, 6.5, 5.5, 5.0], dtype=torch.float64)
+    bottom = torch.tensor([-4.0, -3.0, -2.5], dtype=torch.float64)
+    return torch.cat([top, bulk, bottom])
+
+
+def true_residuals(A: torch.Tensor, res) -> torch.Tensor:
+    Y, th = res.eigenvectors, res.eigenvalues
+    return (A @ Y - Y * th).norm(dim=0)
+
+
+class CountingNaN(LinearOperator):
+    """Dense symmetric operator whose products turn NaN after ``good`` columns."""
+
+    def __init__(self, A: torch.Tensor, good: int):
+        super().__init__(A.shape, A.dtype, A.device, symmetric=True)
+        self.A, self.good = A, good
+
+    def _matmat(self, V):
+        out = self.A @ V
+        if self.num_matvecs > self.good:
+            out = out.clone()
+            out[0] = float("nan")
+        return out
+
+
+# -- Lanczos process ------------------------------------------------------------------------
+
+
+def test_lanczos_basis_orthonormal_and_tridiagonal():
+    lam = gapped_spectrum()
+    A = with_spectrum(lam)
+    dec = lanczos(A, 40, v0=torch.randn(120, 3, generator=gen(1), dtype=torch.float64))
+    assert dec.basis.shape == (3, 40, 120)
+    assert dec.num_matvecs == 120
+    for p in range(3):
+        Q = dec.basis[p]
+        torch.testing.assert_close(Q @ Q.T, torch.eye(40, dtype=torch.float64), atol=1e-12, rtol=0)
+        torch.testing.assert_close(Q @ A @ Q.T, dec.tridiagonal(p), atol=1e-11, rtol=0)
+        # Ritz values interlace: inside the spectrum, the extreme ones converge first
+        theta = torch.linalg.eigvalsh(dec.tridiagonal(p))
+        assert theta.min() >= lam.min() - 1e-10 and theta.max() <= lam.max() + 1e-10
+        assert abs(theta.max() - lam.max()) < 1e-8
+
+
+def test_lanczos_invariant_subspace_stops_early():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64))
+    v0 = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    dec = lanczos(A, 6, v0=v0)
+    assert int(dec.num_steps[0]) == 2
+    torch.testing.assert_close(
+        torch.linalg.eigvalsh(dec.tridiagonal(0)), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    )
+
+
+# -- top_eigenpairs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both_ends"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_eigenpairs_matches_eigh(which, k):
+    lam = gapped_spectrum()
+    A = with_spectrum(lam)
+    ref = torch.linalg.eigvalsh(A)
+    tol = 1e-6
+    res = top_eigenpairs(A, k, which, tol=tol, generator=gen(2))
+    assert res.converged and res.which == which
+    want = {
+        "largest": ref.flip(0)[:k],
+        "smallest": ref[:k],
+        "both_ends": torch.cat([ref.flip(0)[:k], ref[:k]]),
+    }[which]
+    assert res.eigenvalues.shape == want.shape
+    assert res.eigenvectors.shape == (120, want.numel())
+    rel = (res.eigenvalues - want).abs() / want.abs()
+    assert float(rel.max()) <= 10 * tol
+    torch.testing.assert_close(res.residual_norms, true_residuals(A, res), rtol=1e-6, atol=1e-10)
+    assert bool((res.error_bounds <= tol * res.eigenvalues.abs()).all())
+    Y = res.eigenvectors
+    torch.testing.assert_close(
+        Y.T @ Y, torch.eye(Y.shape[1], dtype=torch.float64), atol=1e-10, rtol=0
+    )
+
+
+def test_residual_criterion_bounds_the_residual():
+    A = with_spectrum(gapped_spectrum(), seed=3)
+    tol = 1e-8
+    res = top_eigenpairs(A, 4, criterion="residual", tol=tol, generator=gen(0))
+    assert res.converged
+    r = true_residuals(A, res)
+    assert bool((r <= tol * res.eigenvalues.abs()).all())
+
+
+def test_default_tolerance_gives_1e3_relative_accuracy():
+    lam = torch.cat([torch.tensor([3.0, 2.7, 2.5]), torch.linspace(-0.3, 1.5, 197)]).double()
+    A = with_spectrum(lam, seed=4)
+    for seed in range(3):
+        res = top_eigenpairs(A, 3, generator=gen(seed))
+        assert res.converged
+        rel = (res.eigenvalues - torch.tensor([3.0, 2.7, 2.5], dtype=torch.float64)).abs() / 3
+        assert float(rel.max()) <= 1e-3
+
+
+def test_thick_restart_and_block_versions_converge():
+    lam = gapped_spectrum(200, seed=5)
+    A = with_spectrum(lam, seed=5)
+    ref = torch.linalg.eigvalsh(A).flip(0)[:5]
+    res = top_eigenpairs(A, 5, tol=1e-8, max_basis=12, generator=gen(0))
+    assert res.converged and res.num_restarts > 0
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-7, atol=0)
+    calls = []
+
+    class Spy(DenseOperator):
+        def _matmat(self, V):
+            calls.append(V.shape[1])
+            return super()._matmat(V)
+
+    resb = top_eigenpairs(Spy(A, symmetric=True), 5, tol=1e-8, block_size=4, generator=gen(0))
+    assert resb.converged
+    torch.testing.assert_close(resb.eigenvalues, ref, rtol=1e-7, atol=0)
+    assert set(calls) == {4} and sum(calls) == resb.num_matvecs
+
+
+def test_warm_start_with_exact_vectors():
+    A = with_spectrum(gapped_spectrum(), seed=6)
+    lam, U = torch.linalg.eigh(A)
+    res = top_eigenpairs(A, 1, v0=U[:, -1])
+    assert res.converged and res.num_matvecs <= 2
+    torch.testing.assert_close(res.eigenvalues, lam[-1:], rtol=1e-12, atol=0)
+    res3 = top_eigenpairs(A, 3, v0=U[:, -3:])
+    assert res3.converged and res3.num_matvecs <= 3
+    res_s = top_eigenpairs(A, 1, "smallest", v0=U[:, 0])
+    assert res_s.converged and res_s.num_matvecs <= 2
+
+
+def test_warm_start_from_perturbed_vector_is_cheaper():
+    A = with_spectrum(gapped_spectrum(), seed=7)
+    _, U = torch.linalg.eigh(A)
+    cold = top_eigenpairs(A, 1, generator=gen(0))
+    noise = torch.randn(120, generator=gen(1), dtype=torch.float64)
+    warm = top_eigenpairs(A, 1, v0=U[:, -1] + 0.01 * noise / noise.norm())
+    assert warm.converged and warm.num_matvecs < cold.num_matvecs
+    assert warm.num_matvecs <= 4
+
+
+def test_budget_exhausted_is_a_status_not_an_error():
+    A = with_spectrum(torch.linspace(0, 1, 150, dtype=torch.float64), seed=8)
+    res = top_eigenpairs(A, 3, tol=1e-12, num_matvecs=6, generator=gen(0))
+    assert not res.converged and res.num_matvecs <= 6
+    assert res.eigenvalues.shape == (3,)
+
+
+def test_float32_dense_and_generator_reproducible():
+    A = with_spectrum(gapped_spectrum(), seed=9).float()
+    a = top_eigenpairs(A, 2, generator=gen(5))
+    b = top_eigenpairs(A, 2, generator=gen(5))
+    assert a.eigenvalues.dtype == torch.float32
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=0, atol=0)
+    assert abs(float(a.eigenvalues[0]) - 10.0) <= 1e-3 * 10
+
+
+@settings(deadline=None, max_examples=8)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(30, 90),
+    which=st.sampled_from(["largest", "smallest"]),
+)
+def test_property_random_spectra(seed, n, which):
+    g = gen(seed)
+    lam = torch.randn(n, generator=g, dtype=torch.float64) * torch.rand(1, generator=g).item() * 5
+    A = with_spectrum(lam, seed=seed)
+    ref = torch.linalg.eigvalsh(A)
+    res = top_eigenpairs(A, 2, which, tol=1e-8, criterion="residual", generator=gen(seed + 1))
+    assert res.converged
+    want = ref.flip(0)[:2] if which == "largest" else ref[:2]
+    scale = float(ref.abs().max())
+    assert float((res.eigenvalues - want).abs().max()) <= 1e-6 * scale
+    assert bool((true_residuals(A, res) <= 1e-8 * res.eigenvalues.abs() + 1e-12 * scale).all())
+
+
+# -- power iteration --------------------------------------------------------------------------
+
+
+def test_power_iteration_and_deflation():
+    lam = torch.cat([torch.tensor([5.0, 3.0]), torch.rand(60, generator=gen(1)) * 1.5]).double()
+    A = with_spectrum(lam, seed=11)
+    tol = 1e-6
+    r1 = power_iteration(A, tol=tol, generator=gen(0))
+    assert r1.converged and r1.which == "largest_magnitude"
+    assert abs(float(r1.eigenvalues[0]) - 5.0) <= 1e-6 * 5
+    assert float(true_residuals(A, r1)[0]) <= tol * 5 * 1.0001
+    r2 = power_iteration(A, tol=tol, deflate=r1.eigenvectors, generator=gen(0))
+    assert r2.converged and abs(float(r2.eigenvalues[0]) - 3.0) <= 1e-5 * 3
+    assert abs(float(r1.eigenvectors[:, 0] @ r2.eigenvectors[:, 0])) < 1e-5
+    warm = power_iteration(A, tol=tol, v0=r1.eigenvectors[:, 0])
+    assert warm.num_matvecs == 1
+    short = power_iteration(A, tol=1e-14, num_matvecs=3, generator=gen(0))
+    assert not short.converged and short.num_matvecs == 3
+
+
+# -- end to end on a tiny model ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c.name)
+def test_hessian_of_tiny_model_vs_numpy_eigh(case):
+    model, loss_fn, data = case.build()
+    H = dense_hessian(model, loss_fn, data)
+    ref = np.linalg.eigvalsh(0.5 * (H + H.T).numpy())
+    op = hesse.HessianOperator(model, loss_fn, data)
+    res = hesse.top_eigenpairs(op, 2, "both_ends", tol=1e-8, generator=gen(0))
+    assert res.converged
+    want = np.concatenate([ref[::-1][:2], ref[:2]])
+    np.testing.assert_allclose(res.eigenvalues.numpy(), want, rtol=1e-6, atol=1e-9 * abs(ref).max())
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def test_bad_input():
+    A = with_spectrum(gapped_spectrum())
+    with pytest.raises(ValueError, match="square"):
+        top_eigenpairs(torch.zeros(3, 4, dtype=torch.float64))
+    nonsym = DenseOperator(A, symmetric=False)
+    with pytest.raises(ValueError, match="symmetric"):
+        top_eigenpairs(nonsym)
+    with pytest.raises(ValueError, match="symmetric"):
+        lanczos(nonsym, 5)
+    with pytest.raises(ValueError, match="symmetric"):
+        power_iteration(nonsym)
+    with pytest.raises(ValueError, match="eigh"):
+        top_eigenpairs(A, 120)
+    with pytest.raises(ValueError, match="eigh"):
+        top_eigenpairs(A, 60, "both_ends")
+    for bad in (0.0, -1e-3):
+        with pytest.raises(ValueError, match="tol"):
+            top_eigenpairs(A, tol=bad)
+        with pytest.raises(ValueError, match="tol"):
+            power_iteration(A, tol=bad)
+    with pytest.raises(ValueError, match="which"):
+        top_eigenpairs(A, which="LA")
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        top_eigenpairs(A, v0=torch.ones(7, dtype=torch.float64))
+    with pytest.raises(TypeError, match="Dtype mismatch"):
+        top_eigenpairs(A, v0=torch.ones(120))
+    with pytest.raises(TypeError):
+        top_eigenpairs(A, k=1.5)
+
+
+def test_non_finite_product_raises_with_partial_result():
+    A = with_spectrum(gapped_spectrum())
+    with pytest.raises(hesse.NonFiniteError) as info:
+        top_eigenpairs(CountingNaN(A, good=6), 2, generator=gen(0))
+    part = info.value.partial
+    assert isinstance(part, hesse.EigenResult) and not part.converged
+    assert part.num_matvecs == 6 and part.eigenvalues.shape == (2,)
+    with pytest.raises(hesse.NonFiniteError) as info:
+        power_iteration(CountingNaN(A, good=4), generator=gen(0))
+    assert info.value.partial.num_matvecs == 4
+    with pytest.raises(hesse.NonFiniteError):
+        lanczos(CountingNaN(A, good=3), 10)
