@@ -44,3 +44,7 @@ from .newton import Newton  # noqa: E402
 from .quasi_newton import BFGS, DFP, LBFGS, SR1  # noqa: E402
 
 __all__ += ["BFGS", "DFP", "HessianFree", "LBFGS", "Newton", "SR1"]
+
+from .shampoo import Shampoo  # noqa: E402
+
+__all__ += ["Shampoo"]

@@ -1,0 +1,216 @@
+"""Shampoo: per-dimension (Kronecker-factored) full-matrix AdaGrad preconditioning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .._checks import check_choice, check_int, check_nonnegative, check_positive
+from ..linalg.matrix_functions import matrix_inverse_root
+
+__all__ = ["Shampoo"]
+
+GRAFTING = ("adam", "adagrad", "sgd", "none")
+
+
+def _check_unit(value: float, name: str, *, closed: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        rng = "[0, 1]" if closed else "[0, 1)"
+        raise ValueError(f"Invalid {name}={value!r}; must lie in {rng}.")
+    return float(value)
+
+
+def _mode_product(M: Tensor, T: Tensor, dim: int) -> Tensor:
+    """Multiply tensor ``T`` along ``dim`` by the matrix ``M``: ``T x_dim M``."""
+    Tm = T.movedim(dim, 0)
+    shape = Tm.shape
+    return (M @ Tm.reshape(shape[0], -1)).reshape(shape).movedim(0, dim)
+
+
+def _unfold_gram(G: Tensor, dim: int) -> Tensor:
+    """``G_(i) G_(i)^T``: the Gram matrix of the mode-``dim`` unfolding."""
+    Gm = G.movedim(dim, 0).reshape(G.shape[dim], -1)
+    return Gm @ Gm.T
+
+
+class Shampoo(Optimizer):
+    """Shampoo (Gupta, Koren & Singer 2018) with grafting (Anil et al. 2020).
+
+    For a parameter of order ``k`` (shape ``(d_1, ..., d_k)``) with gradient ``G``, one
+    statistic per dimension ``i`` (skipped when ``d_i == 1`` or ``d_i > max_preconditioner_dim``)::
+
+        L_i <- beta2 * L_i + (1 - beta2 if beta2 < 1 else 1) * G_(i) G_(i)^T
+        every update_interval steps:  R_i = (L_i + epsilon I)^{-1/(2k)}     # matrix_inverse_root
+        P = G x_1 R_1 x_2 ... x_k R_k             # matrices: L^{-1/4} G R^{-1/4}
+        grafting: P <- P * ||graft(G)|| / ||P||   # step size of SGD / AdaGrad / Adam, per tensor
+        buf <- momentum * buf + P
+        p <- p - lr * buf
+
+    The inverse ``2k``-th roots use :func:`hesse.linalg.matrix_inverse_root` (``eigh`` in
+    float64 by default, or coupled Newton), so they do not fail in float32.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate ``> 0``.
+        momentum: heavy-ball momentum in ``[0, 1)``.
+        beta2: statistics decay in ``[0, 1]``; ``1`` sums them (the paper's AdaGrad form).
+        epsilon: ridge ``> 0`` added to every statistic before its root.
+        weight_decay: L2 coefficient ``>= 0`` added to the gradient.
+        update_interval: steps between root recomputations.
+        grafting: ``"adam"`` (default), ``"adagrad"``, ``"sgd"`` or ``"none"``.
+        graft_betas: Adam betas for ``grafting="adam"``.
+        graft_eps: epsilon of the grafted AdaGrad/Adam.
+        max_preconditioner_dim: dimensions larger than this are not preconditioned.
+        root_method: ``"eigh"`` or ``"newton"`` (see :func:`~hesse.linalg.matrix_inverse_root`).
+        exponent_override: use ``R_i = (L_i + epsilon I)^{-1/q}`` with this ``q`` for every
+            dimension instead of the paper's ``2k`` (``q=2`` is the one-sided-square-root
+            variant of Morwani et al. 2024; default ``None``: ``2k``).
+
+    References:
+        Gupta, Koren & Singer, "Shampoo: Preconditioned stochastic tensor optimization",
+        ICML 2018. Anil et al., "Scalable second order optimization for deep learning", 2020.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        beta2: float = 1.0,
+        epsilon: float = 1e-4,
+        weight_decay: float = 0.0,
+        update_interval: int = 1,
+        grafting: str = "adam",
+        graft_betas: tuple[float, float] = (0.9, 0.999),
+        graft_eps: float = 1e-8,
+        max_preconditioner_dim: int = 2048,
+        root_method: str = "eigh",
+        exponent_override: int | None = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            beta2=beta2,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            update_interval=update_interval,
+            grafting=grafting,
+            graft_betas=tuple(graft_betas),
+            graft_eps=graft_eps,
+            max_preconditioner_dim=max_preconditioner_dim,
+            root_method=root_method,
+            exponent_override=exponent_override,
+        )
+        self._validate(defaults)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._validate(group)
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> None:
+        check_positive(group["lr"], "lr")
+        _check_unit(group["momentum"], "momentum")
+        _check_unit(group["beta2"], "beta2", closed=True)
+        check_positive(group["epsilon"], "epsilon")
+        check_nonnegative(group["weight_decay"], "weight_decay")
+        check_int(group["update_interval"], "update_interval")
+        check_choice(group["grafting"], "grafting", GRAFTING)
+        b = group["graft_betas"]
+        if not (isinstance(b, (tuple, list)) and len(b) == 2):
+            raise ValueError(f"Invalid graft_betas={b!r}; must be a pair (beta1, beta2).")
+        _check_unit(b[0], "graft_betas[0]")
+        _check_unit(b[1], "graft_betas[1]")
+        check_positive(group["graft_eps"], "graft_eps")
+        check_int(group["max_preconditioner_dim"], "max_preconditioner_dim")
+        check_choice(group["root_method"], "root_method", ("eigh", "newton"))
+        if group["exponent_override"] is not None:
+            check_int(group["exponent_override"], "exponent_override")
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        st = self.state[p]
+        st["step"] = 0
+        dims = [i for i, d in enumerate(p.shape) if 1 < d <= group["max_preconditioner_dim"]]
+        st["dims"] = dims
+        st["stats"] = [
+            torch.zeros(p.shape[i], p.shape[i], dtype=p.dtype, device=p.device) for i in dims
+        ]
+        st["roots"] = [torch.eye(p.shape[i], dtype=p.dtype, device=p.device) for i in dims]
+        if group["grafting"] in ("adam", "adagrad"):
+            st["graft_sq"] = torch.zeros_like(p)
+        if group["grafting"] == "adam":
+            st["graft_m"] = torch.zeros_like(p)
+        return st
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One Shampoo step (``closure`` optional, as in ``torch.optim``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._validate(group)
+            lr, mom, beta2 = group["lr"], group["momentum"], group["beta2"]
+            eps, wd = group["epsilon"], group["weight_decay"]
+            graft = group["grafting"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise NotImplementedError("Shampoo does not support sparse gradients.")
+                st = self.state[p] if self.state[p] else self._init_state(p, group)
+                g = p.grad
+                if wd:
+                    g = g.add(p, alpha=wd)
+                step = st["step"]
+                order = max(p.ndim, 1)
+                root = group["exponent_override"] or 2 * order
+                # statistics and roots
+                for j, i in enumerate(st["dims"]):
+                    gram = _unfold_gram(g, i)
+                    if beta2 < 1.0:
+                        st["stats"][j].mul_(beta2).add_(gram, alpha=1.0 - beta2)
+                    else:
+                        st["stats"][j].add_(gram)
+                if step % group["update_interval"] == 0:
+                    for j, _ in enumerate(st["dims"]):
+                        st["roots"][j] = matrix_inverse_root(
+                            st["stats"][j], root, eps=eps, method=group["root_method"]
+                        )
+                P = g
+                for j, i in enumerate(st["dims"]):
+                    P = _mode_product(st["roots"][j], P, i)
+                # grafting
+                if graft != "none":
+                    if graft == "sgd":
+                        G_dir = g
+                    elif graft == "adagrad":
+                        st["graft_sq"].addcmul_(g, g)
+                        G_dir = g / (st["graft_sq"].sqrt() + group["graft_eps"])
+                    else:
+                        b1, b2 = group["graft_betas"]
+                        st["graft_m"].mul_(b1).add_(g, alpha=1 - b1)
+                        st["graft_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                        mhat = st["graft_m"] / (1 - b1 ** (step + 1))
+                        vhat = st["graft_sq"] / (1 - b2 ** (step + 1))
+                        G_dir = mhat / (vhat.sqrt() + group["graft_eps"])
+                    pn = P.norm()
+                    scale = torch.where(
+                        pn > 0, G_dir.norm() / pn.clamp_min(1e-30), pn.new_zeros(())
+                    )
+                    P = P * scale
+                if mom:
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = P.clone()
+                    else:
+                        buf.mul_(mom).add_(P)
+                    P = buf
+                p.add_(P, alpha=-lr)
+                st["step"] = step + 1
+        return loss

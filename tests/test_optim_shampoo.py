@@ -1,0 +1,243 @@
+"""Shampoo and the inverse p-th root: roots vs eigh, update formula, optimizer database."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hesse import NonFiniteError
+from hesse.linalg import matrix_inverse_root
+from hesse.optim import Shampoo
+
+DT = torch.float64
+
+
+def _spd(n, cond, seed=0, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = torch.logspace(0, -np.log10(cond), n, dtype=torch.float64)
+    return ((Q * ev) @ Q.T).to(dtype)
+
+
+def _np_root(A, p, eps=0.0):
+    w, V = np.linalg.eigh(np.asarray(A, dtype=np.float64))
+    w = np.maximum(w, 0) + eps
+    return (V * w ** (-1.0 / p)) @ V.T
+
+
+# -- matrix_inverse_root ----------------------------------------------------------------
+@pytest.mark.parametrize("p", [1, 2, 4, 6])
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_inverse_root_matches_numpy_eigh(p, method):
+    A = _spd(20, 1e4, seed=p)
+    X = matrix_inverse_root(A, p, eps=1e-3, method=method)
+    ref = torch.as_tensor(_np_root(A.numpy(), p, 1e-3))
+    assert float((X - ref).norm() / ref.norm()) < 1e-9
+    # defining property: X^p (A + eps I) = I
+    M = torch.linalg.matrix_power(X, p) @ (A + 1e-3 * torch.eye(20, dtype=DT))
+    assert float((M - torch.eye(20, dtype=DT)).abs().max()) < 1e-8
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_inverse_root_float32_stays_finite_and_accurate(method):
+    A64 = _spd(40, 1e6, seed=3)
+    ref = torch.as_tensor(_np_root(A64.numpy(), 4, 1e-5))
+    X = matrix_inverse_root(A64.float(), 4, eps=1e-5, method=method)
+    assert X.dtype == torch.float32
+    assert bool(torch.isfinite(X).all())
+    assert float((X.double() - ref).norm() / ref.norm()) < 1e-3
+    # singular and ill-conditioned beyond float32: still finite (newton falls back to eigh)
+    B = torch.randn(30, 3, generator=torch.Generator().manual_seed(0))
+    S = B @ B.T
+    Y = matrix_inverse_root(S, 4, eps=1e-9, method=method)  # newton: warns, uses eigh
+    assert bool(torch.isfinite(Y).all())
+    assert bool(torch.isfinite(matrix_inverse_root(S, 4)).all())
+
+
+def test_inverse_root_bad_input():
+    A = _spd(4, 10)
+    with pytest.raises(ValueError, match="square"):
+        matrix_inverse_root(A[:3], 2)
+    with pytest.raises(ValueError, match="p"):
+        matrix_inverse_root(A, 0)
+    with pytest.raises(ValueError, match="eps"):
+        matrix_inverse_root(A, 2, eps=-1.0)
+    with pytest.raises(ValueError, match="method"):
+        matrix_inverse_root(A, 2, method="schur")
+    with pytest.raises(NonFiniteError):
+        matrix_inverse_root(A * float("nan"), 2)
+    with pytest.raises(TypeError):
+        matrix_inverse_root(A.numpy(), 2)
+
+
+# -- the Shampoo update -----------------------------------------------------------------
+def _one_step(p0, grad, **kw):
+    p = nn.Parameter(p0.clone())
+    opt = Shampoo([p], **kw)
+    p.grad = grad.clone()
+    opt.step()
+    return (p0 - p.detach()) / kw["lr"]
+
+
+def test_matrix_update_is_L_quarter_G_R_quarter():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(5, 3, generator=g, dtype=DT)
+    G = torch.randn(5, 3, generator=g, dtype=DT)
+    step = _one_step(W, G, lr=0.1, momentum=0.0, grafting="none", epsilon=1e-3)
+    L = _np_root(G @ G.T, 4, 1e-3)
+    R = _np_root(G.T @ G, 4, 1e-3)
+    ref = torch.as_tensor(L @ G.numpy() @ R)
+    assert float((step - ref).norm() / ref.norm()) < 1e-10
+
+
+def test_order3_tensor_uses_inverse_sixth_roots_and_vectors_square_roots():
+    g = torch.Generator().manual_seed(2)
+    T = torch.randn(3, 4, 2, generator=g, dtype=DT)
+    G = torch.randn(3, 4, 2, generator=g, dtype=DT)
+    step = _one_step(T, G, lr=1.0, momentum=0.0, grafting="none", epsilon=1e-2)
+    Gn = G.numpy()
+    R = [
+        _np_root(
+            np.moveaxis(Gn, i, 0).reshape(Gn.shape[i], -1)
+            @ np.moveaxis(Gn, i, 0).reshape(Gn.shape[i], -1).T,
+            6,
+            1e-2,
+        )
+        for i in range(3)
+    ]
+    ref = np.einsum("ai,bj,ck,ijk->abc", R[0], R[1], R[2], Gn)
+    assert np.allclose(step.numpy(), ref, rtol=1e-10, atol=1e-12)
+    v = torch.randn(6, generator=g, dtype=DT)
+    gv = torch.randn(6, generator=g, dtype=DT)
+    step = _one_step(v, gv, lr=1.0, momentum=0.0, grafting="none", epsilon=1e-2)
+    ref = _np_root(np.outer(gv.numpy(), gv.numpy()), 2, 1e-2) @ gv.numpy()
+    assert np.allclose(step.numpy(), ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("grafting", ["sgd", "adagrad", "adam"])
+def test_grafting_takes_the_step_norm_of_the_grafted_method(grafting):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 6, generator=g, dtype=DT)
+    G = torch.randn(4, 6, generator=g, dtype=DT)
+    step = _one_step(W, G, lr=1.0, momentum=0.0, grafting=grafting, graft_eps=1e-8)
+    graft = {"sgd": G, "adagrad": G / (G.abs() + 1e-8), "adam": G / (G.abs() + 1e-8)}[grafting]
+    assert float(step.norm()) == pytest.approx(float(graft.norm()), rel=1e-10)
+    raw = _one_step(W, G, lr=1.0, momentum=0.0, grafting="none")
+    cos = float(step.flatten() @ raw.flatten() / (step.norm() * raw.norm()))
+    assert cos == pytest.approx(1.0, abs=1e-12)  # direction is Shampoo's
+
+
+def test_large_dimensions_are_not_preconditioned():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(3, 50, generator=g, dtype=DT)
+    G = torch.randn(3, 50, generator=g, dtype=DT)
+    step = _one_step(
+        W, G, lr=1.0, momentum=0.0, grafting="none", epsilon=1e-3, max_preconditioner_dim=10
+    )
+    ref = torch.as_tensor(_np_root(G @ G.T, 4, 1e-3)) @ G
+    assert float((step - ref).norm() / ref.norm()) < 1e-10
+
+
+# -- optimizer database -----------------------------------------------------------------
+def _quadratic(dtype=DT):
+    g = torch.Generator().manual_seed(5)
+    A = _spd(6, 1e3, seed=6, dtype=dtype)
+    B = _spd(4, 1e2, seed=7, dtype=dtype)
+    W_star = torch.randn(6, 4, generator=g).to(dtype)
+    W = nn.Parameter(torch.zeros(6, 4, dtype=dtype))
+
+    def loss():
+        D = W - W_star
+        return 0.5 * torch.trace(D.T @ A @ D @ B)
+
+    return W, W_star, loss
+
+
+def _closure(opt, f):
+    def closure():
+        opt.zero_grad()
+        loss = f()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_shampoo_converges_on_ill_conditioned_kronecker_quadratic():
+    W, W_star, f = _quadratic()
+    opt = Shampoo([W], lr=0.3, momentum=0.9, grafting="none", epsilon=1e-12)
+    first = float(f().detach())
+    for _ in range(300):
+        opt.step(_closure(opt, f))
+    assert float(f().detach()) < 1e-4 * first
+
+
+def test_shampoo_converges_on_rosenbrock():
+    x = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=DT))
+    opt = Shampoo([x], lr=5e-3, momentum=0.9, grafting="adam")
+
+    def f():
+        return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+    for _ in range(2000):
+        opt.step(_closure(opt, f))
+    assert float(f().detach()) < 1e-3  # from 24.2 at the start
+    assert float((x.detach() - 1).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("root_method", ["eigh", "newton"])
+def test_shampoo_keeps_dtype(dtype, root_method):
+    W, _, f = _quadratic(dtype)
+    opt = Shampoo([W], lr=0.05, root_method=root_method)
+    for _ in range(5):
+        opt.step(_closure(opt, f))
+    assert W.dtype == dtype and bool(torch.isfinite(W).all())
+    assert all(r.dtype == dtype for r in opt.state[W]["roots"])
+
+
+def test_shampoo_state_dict_resume_bit_identical():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X = torch.randn(20, 3, dtype=DT)
+    y = torch.randn(20, 2, dtype=DT)
+
+    def run(opt, m, n):
+        for _ in range(n):
+            opt.zero_grad()
+            nn.functional.mse_loss(m(X), y).backward()
+            opt.step()
+
+    opt = Shampoo(model.parameters(), lr=0.05, update_interval=3)
+    run(opt, model, 4)
+    model2 = copy.deepcopy(model)
+    opt2 = Shampoo(model2.parameters(), lr=0.05, update_interval=3)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run(opt, model, 5)
+    run(opt2, model2, 5)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=0.0), "lr"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(beta2=1.5), "beta2"),
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(update_interval=0), "update_interval"),
+        (dict(grafting="rmsprop"), "grafting"),
+        (dict(graft_betas=(0.9,)), "graft_betas"),
+        (dict(root_method="schur"), "root_method"),
+        (dict(max_preconditioner_dim=0), "max_preconditioner_dim"),
+    ],
+)
+def test_shampoo_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Shampoo([nn.Parameter(torch.zeros(2, 2))], **kwargs)
