@@ -79,3 +79,12 @@ __all__ += ["SharpnessTracker"]
 from .analysis.preflight import PreflightEstimate, estimate  # noqa: E402
 
 __all__ += ["PreflightEstimate", "estimate"]
+
+from .analysis.critical import (  # noqa: E402
+    classify_critical_point,
+    layer_max_stable_lr,
+    max_stable_lr,
+    stopping_rule,
+)
+
+__all__ += ["classify_critical_point", "layer_max_stable_lr", "max_stable_lr", "stopping_rule"]

@@ -1,5 +1,18 @@
 """Analyses composed from operators and linalg results (never re-implementing algorithms)."""
 
+from .critical import (
+    CriticalPoint,
+    LRBound,
+    SpectrumSummary,
+    StoppingRule,
+    TaylorCheck,
+    classify_critical_point,
+    layer_max_stable_lr,
+    max_stable_lr,
+    spectrum_summary,
+    stopping_rule,
+    taylor_check,
+)
 from .landscape import (
     LossSlice,
     LossSurface2D,
@@ -29,6 +42,17 @@ from .tracker import (
 from .preflight import AllocationTracker, PreflightEstimate, estimate, process_memory
 
 __all__: list[str] = [
+    "CriticalPoint",
+    "LRBound",
+    "SpectrumSummary",
+    "StoppingRule",
+    "TaylorCheck",
+    "classify_critical_point",
+    "layer_max_stable_lr",
+    "max_stable_lr",
+    "spectrum_summary",
+    "stopping_rule",
+    "taylor_check",
     "AllocationTracker",
     "PreflightEstimate",
     "estimate",

@@ -1,0 +1,7 @@
+"""``python -m hesse``: the same as the ``hesse`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
