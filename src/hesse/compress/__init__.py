@@ -15,6 +15,7 @@ from .quantize import (
     quantize_obs,
     quantize_rtn,
 )
+from .report import CompressionReport, compression_report, evaluate
 from .saliency import (
     curvature_blocks,
     curvature_diagonal,
@@ -33,6 +34,9 @@ from .sensitivity import (
 
 __all__ = [
     "BitAllocation",
+    "CompressionReport",
+    "compression_report",
+    "evaluate",
     "PruneMethod",
     "QuantMethod",
     "QuantizeResult",
