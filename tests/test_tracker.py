@@ -259,3 +259,16 @@ def test_bad_input(kwargs, exc, match):
     model, loss_fn, data = _mlp()
     with pytest.raises(exc, match=match):
         SharpnessTracker(model, loss_fn, data, **kwargs)
+
+
+def test_recorded_loss_is_the_measurement_batch_loss():
+    model, loss_fn, data = _mlp(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    for kw in ({}, {"weight_decay": 0.1}):
+        tr = SharpnessTracker(model, loss_fn, data, every=1, optimizer=opt, **kw)
+        _train(model, loss_fn, data, opt, tr, 2)
+        with torch.no_grad():
+            ref = float(loss_fn(model(data[0]), data[1]))
+        if kw:
+            ref += 0.05 * float(sum(p.detach().pow(2).sum() for p in model.parameters()))
+        assert abs(tr.history[-1].loss - ref) < 1e-12 * max(1.0, abs(ref))

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_positive, warn_once
+from ..func import GradGraph
 from ..operators.base import LinearOperator
+from ..operators.curvature import HessianOperator
 from .sharpness import curvature_operator
 
 __all__ = [
@@ -396,7 +398,7 @@ class SharpnessTracker:
 
         lr = self.current_lr()
         ratio = None if lr is None else lr * lam / 2.0
-        loss = float(op.loss()) if self.record_loss else None
+        loss = self._loss() if self.record_loss else None
         rec = SharpnessRecord(
             step=self.num_steps,
             lambda_max=lam,
@@ -415,6 +417,24 @@ class SharpnessTracker:
         self._check_crossing(rec)
         self._log(rec)
         return rec
+
+    def _loss(self) -> float:
+        """Measurement-batch loss; read from the Hessian's cached graphs when they are current
+        (they were just built for the eigenvalue run), else one forward pass."""
+        op, ob = self.operator, self.operator.objective
+        cache = getattr(op, "_cache", None)
+        if (
+            isinstance(op, HessianOperator)
+            and op.mode == "rev-rev"
+            and cache
+            and getattr(op, "_key", None) == ob.state_key()
+            and not ob.weight_decay
+            and ob.regularizer is None
+            and not ob.distributed
+            and all(isinstance(c, GradGraph) for c in cache)
+        ):
+            return float(sum(c.loss.double() for c in cache))
+        return float(op.loss())
 
     def _check_crossing(self, rec: SharpnessRecord) -> None:
         if rec.ratio is not None:

@@ -157,7 +157,7 @@ def plot_sharpness_vs_batch_size(
     extra: Mapping[str, Sequence[float]] | None = None,
     title: str | None = None,
 ) -> Any:
-    """Final sharpness against batch size (log-log), e.g. for the SGD-noise experiment.
+    """Final sharpness against batch size (log2 x axis), e.g. for the SGD-noise experiment.
 
     Args:
         batch_sizes: x values.
@@ -173,14 +173,12 @@ def plot_sharpness_vs_batch_size(
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     axes[0].errorbar(batch_sizes, lambda_max, yerr=errors, marker="o", capsize=3)
     axes[0].set_xscale("log", base=2)
-    axes[0].set_yscale("log")
     axes[0].set_xlabel("batch size")
     axes[0].set_ylabel(r"final $\lambda_{max}$")
     if extra:
         for i, (name, vals) in enumerate(extra.items()):
             axes[1].plot(batch_sizes, vals, marker="s", color=f"C{i + 1}", label=name)
         axes[1].set_xscale("log", base=2)
-        axes[1].set_yscale("log")
         axes[1].set_xlabel("batch size")
         axes[1].legend(frameon=False)
     fig.suptitle(title or "Smaller batches end in flatter minima", fontsize=11)
