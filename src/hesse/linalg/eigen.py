@@ -272,7 +272,7 @@ def top_eigenpairs(
             of its Ritz vectors), e.g. the eigenvectors of a previous call.
         criterion: ``"eigenvalue"`` or ``"residual"``.
         block_size: vectors per product (block Lanczos): fewer, larger batched passes.
-        max_basis: basis size before a restart; default ``max(20, 3 * kw + 10)`` with ``kw``
+        max_basis: basis size before a restart; default ``max(60, 3 * kw + 20)`` with ``kw``
             the number of wanted pairs.
         basis_dtype: storage dtype of the basis (``torch.float32`` halves memory for a
             float64 operator); default the operator's.
@@ -312,7 +312,7 @@ def top_eigenpairs(
             "eigenpairs of a small operator use torch.linalg.eigh(A.to_dense())."
         )
     if max_basis is None:
-        m = max(20, 3 * kw + 10, kw + 4 * b)
+        m = max(60, 3 * kw + 20, kw + 4 * b)
     else:
         m = check_int(max_basis, "max_basis", minimum=kw + 2 * b)
     m = min(m, n)
