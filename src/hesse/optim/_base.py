@@ -307,16 +307,33 @@ class GGNProductOperator(LinearOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
+        if not self._loss_quadratic:
+            return torch.zeros_like(V)
         with torch.enable_grad():
-            JV = self.graph.jmp(self.vec.split_block(V))  # (k, *out)
-            if not self._loss_quadratic:
-                return torch.zeros_like(V)
-            (HJV,) = torch.autograd.grad(
-                self.dloss, self.outputs, JV, retain_graph=True, is_grads_batched=True
-            )
-            parts = self.graph.vjp(HJV)
+            if k == 1:  # plain autograd: no vmap overhead for single vectors (CG)
+                parts = self._single(self.vec.split(V[:, 0]))
+            else:
+                JV = self.graph.jmp(self.vec.split_block(V))  # (k, *out)
+                (HJV,) = torch.autograd.grad(
+                    self.dloss, self.outputs, JV, retain_graph=True, is_grads_batched=True
+                )
+                parts = self.graph.vjp(HJV)
         return (
             torch.cat([p.reshape(k, -1) for p in parts], dim=1)
             .to(device=self.device, dtype=self.dtype)
             .T
         )
+
+    def _single(self, v: list[Tensor]) -> list[Tensor]:
+        g = self.graph
+        live = [i for i, ok in enumerate(g._live) if ok]
+        if not live:
+            return [torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device) for p in g.params]
+        (jv,) = torch.autograd.grad(
+            [g._vjp_u[i] for i in live], g._u, [v[i] for i in live], retain_graph=True
+        )
+        (hjv,) = torch.autograd.grad(self.dloss, self.outputs, jv, retain_graph=True)
+        res = torch.autograd.grad(self.outputs, g.params, hjv, retain_graph=True, allow_unused=True)
+        return [
+            (torch.zeros_like(p) if r is None else r).unsqueeze(0) for r, p in zip(res, g.params)
+        ]

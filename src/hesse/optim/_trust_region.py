@@ -26,6 +26,8 @@ def solve_dense_subproblem(
     B: Tensor, g: Tensor, radius: float, *, max_iters: int = 60
 ) -> tuple[Tensor, float, bool]:
     """Exact trust-region step. Returns ``(p, predicted_reduction, on_boundary)``."""
+    if float(g.norm()) == 0.0:
+        return torch.zeros_like(g), 0.0, False
     lam, Q = torch.linalg.eigh(B)
     gh = Q.T @ g
     lam_min = float(lam[0])
@@ -66,7 +68,7 @@ def solve_dense_subproblem(
         for _ in range(max_iters):
             ph = p_of(mu)
             nrm = float(ph.norm())
-            if abs(nrm - radius) <= 1e-10 * radius:
+            if abs(nrm - radius) <= 1e-10 * radius or nrm == 0.0:
                 break
             if nrm > radius:
                 lo = mu

@@ -80,7 +80,8 @@ class HessianFree(SecondOrderOptimizer):
         backtrack: CG-iterate backtracking on or off.
         max_backtracks: Armijo halvings (factor 0.8) before the step is rejected.
         c1: Armijo constant.
-        generator: for the preconditioner's probes.
+        generator: for the preconditioner's probes (default: a private generator seeded 0);
+            its state is part of ``state_dict``.
 
     References:
         Martens (2010), Sections 4.1-4.8.
@@ -214,9 +215,15 @@ class HessianFree(SecondOrderOptimizer):
         x0 = prev * decay if prev is not None and decay > 0 else None
         pre = None
         if self._hp("preconditioner") == "diagonal":
+            gen = self.generator
+            if gen is None:
+                gen = self.generator = torch.Generator(device=self._vec.device).manual_seed(0)
+            if "rng_state" in st:  # resume the probe stream exactly (state_dict round trip)
+                gen.set_state(torch.frombuffer(bytearray(st["rng_state"]), dtype=torch.uint8))
             diag = hutchinson_diagonal(
-                op, num_matvecs=self._hp("num_probes"), generator=self.generator
+                op, num_matvecs=self._hp("num_probes"), generator=gen
             ).estimate
+            st["rng_state"] = bytes(gen.get_state().tolist())  # bytes: not cast on load
             pre = (diag.abs() + lam) ** 0.75
         eps = self._hp("progress_tol")
         values: list[float] = []

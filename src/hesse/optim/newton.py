@@ -116,7 +116,7 @@ class Newton(SecondOrderOptimizer):
         c1: float = 1e-4,
         c2: float = 0.9,
         max_evals: int = 25,
-        max_radius: float = 1e3,
+        max_radius: float = 1e8,
         eta: float = 0.15,
         tolerance_grad: float = 0.0,
     ):

@@ -461,7 +461,7 @@ class SR1(SecondOrderOptimizer):
         params: Any,
         lr: float = 1.0,
         *,
-        max_radius: float = 1e3,
+        max_radius: float = 1e8,
         eta: float = 1e-4,
         skip_tol: float = 1e-8,
         subproblem: str = "auto",
