@@ -196,8 +196,7 @@ def pyhessian_module(counter: Counter) -> Any:
         return orig(gradsH, params, v)
 
     ph.hessian_vector_product = hvp
-    if not hasattr(torch, "eig"):  # shim for PyHessian's density: torch.eig was removed in 1.9
-        torch.eig = _legacy_eig
+    torch.eig = _legacy_eig  # shim for PyHessian's density: torch.eig was removed (torch 1.9)
     return ph
 
 

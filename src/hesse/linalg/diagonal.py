@@ -77,7 +77,7 @@ def hutchinson_diagonal(
         num_matvecs: number of probes (>= 2).
         generator: source of the probes; ``None`` draws a fresh seed.
         probe: ``"rademacher"`` (default) or ``"gaussian"``.
-        block_size: columns per product (default ``min(num_matvecs, 64)``).
+        block_size: columns per product (default ``min(num_matvecs, 32)``).
 
     Returns:
         :class:`DiagonalResult`.
@@ -135,7 +135,7 @@ def exact_diagonal(A: Any, *, block_size: int = DEFAULT_BLOCK_SIZE) -> DiagonalR
 
     Args:
         A: square operator or dense tensor.
-        block_size: columns per product (default 64).
+        block_size: columns per product (default 32).
 
     Returns:
         :class:`DiagonalResult` with zero ``stderr`` and ``exact=True``.

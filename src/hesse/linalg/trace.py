@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 DEFAULT_NUM_MATVECS = 100
-DEFAULT_BLOCK_SIZE = 64
+DEFAULT_BLOCK_SIZE = 32
 
 
 class TraceMethod(str, Enum):
@@ -171,7 +171,7 @@ def hutchinson_trace(
         num_matvecs: number of probes (>= 2).
         generator: source of the probes; ``None`` draws a fresh seed.
         probe: ``"rademacher"`` (default) or ``"gaussian"``.
-        block_size: columns per product (default ``min(num_matvecs, 64)``).
+        block_size: columns per product (default ``min(num_matvecs, 32)``).
 
     Returns:
         :class:`TraceResult`.
@@ -312,7 +312,7 @@ def xtrace(
         num_matvecs: total budget (>= 4).
         generator: source of the test vectors.
         probe: ``"sphere"`` (default), ``"rademacher"`` or ``"gaussian"``.
-        block_size: columns per product (default ``min(m, 64)``).
+        block_size: columns per product (default ``min(m, 32)``).
 
     Returns:
         :class:`TraceResult` (``samples`` are the ``m`` leave-one-out estimates).
