@@ -142,3 +142,24 @@ def test_bad_input():
     assert isinstance(part, hesse.SpectralDensity) and not part.converged
     assert part.nodes.shape == (4, 5)
     torch.testing.assert_close(part.weights.sum(1), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("deflate", [0, 5])
+def test_checkpoint_resume_is_bit_identical(tmp_path, deflate):
+    from tests.test_linalg_eigen import InterruptAt
+
+    A = with_spectrum(hessian_like(200, 1), 1)
+    kw = dict(num_probes=4, num_steps=30, deflate=deflate)
+    ref = spectral_density(A, generator=gen(3), **kw)
+    path = tmp_path / "slq.pt"
+    with pytest.raises(KeyboardInterrupt, match="checkpoint="):
+        spectral_density(
+            InterruptAt(A, 60), generator=gen(3), checkpoint=path, checkpoint_every=16, **kw
+        )
+    assert path.exists()
+    with pytest.raises(ValueError, match="does not match"):
+        spectral_density(A, num_probes=5, num_steps=30, deflate=deflate, checkpoint=path)
+    res = spectral_density(A, generator=gen(99), checkpoint=path, **kw)
+    assert not path.exists() and res.num_matvecs == ref.num_matvecs
+    torch.testing.assert_close(res.nodes, ref.nodes, rtol=0, atol=0)
+    torch.testing.assert_close(res.weights, ref.weights, rtol=0, atol=0)

@@ -290,3 +290,35 @@ def test_non_finite_product_raises_with_partial_result():
     assert info.value.partial.num_matvecs == 4
     with pytest.raises(hesse.NonFiniteError):
         lanczos(CountingNaN(A, good=3), 10)
+
+
+# -- resumable runs -----------------------------------------------------------------------------
+
+
+class InterruptAt(DenseOperator):
+    """Raises KeyboardInterrupt (as Ctrl-C would) once ``at`` columns were multiplied."""
+
+    def __init__(self, A: torch.Tensor, at: int):
+        super().__init__(A, symmetric=True)
+        self.at = at
+
+    def _matmat(self, V):
+        if self.num_matvecs > self.at:
+            raise KeyboardInterrupt
+        return super()._matmat(V)
+
+
+def test_checkpoint_resume_is_bit_identical(tmp_path):
+    A = with_spectrum(gapped_spectrum(200, 1), 1)
+    kw = dict(k=4, tol=1e-10, max_basis=10)
+    ref = top_eigenpairs(A, generator=gen(3), **kw)
+    path = tmp_path / "eig.pt"
+    with pytest.raises(KeyboardInterrupt, match="checkpoint="):
+        top_eigenpairs(InterruptAt(A, 11), generator=gen(3), checkpoint=path, **kw)
+    assert path.exists()
+    with pytest.raises(ValueError, match="does not match"):
+        top_eigenpairs(A, k=3, tol=1e-10, max_basis=10, checkpoint=path)
+    res = top_eigenpairs(A, generator=gen(99), checkpoint=path, **kw)  # generator restored
+    assert not path.exists()
+    assert res.num_matvecs == ref.num_matvecs and res.num_restarts == ref.num_restarts
+    torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=0, atol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from .._checks import NonFiniteError, check_choice, check_int, check_positive
 from ..operators.base import LinearOperator
 from ._probes import probes as draw_probes
 from ._results import EigenResult, SpectralDensity, _smooth
+from .checkpoint import interrupted_message, load_state, remove_state, save_state
 from .eigen import top_eigenpairs
 from .lanczos import (
     LanczosDecomposition,
@@ -123,6 +125,8 @@ def spectral_density(
     probe: str = "rademacher",
     basis_dtype: torch.dtype | None = None,
     deflate: int | EigenResult | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 200,
 ) -> SpectralDensity:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature (SLQ).
 
@@ -174,6 +178,11 @@ def spectral_density(
             error of plain SLQ; deflating them roughly halves the Wasserstein error and
             shrinks the range the quadrature has to resolve. Default ``None``:
             ``min(20, n // 20)``; ``0`` gives plain SLQ.
+        checkpoint: a file path: the Lanczos state of all probes is saved there every
+            ``checkpoint_every`` matvecs and on Ctrl-C; a later call with the same path
+            (same operator and settings) resumes from it; removed when the run finishes
+            (see :mod:`hesse.linalg.checkpoint`).
+        checkpoint_every: matvecs between saves (default 200).
 
     Returns:
         :class:`SpectralDensity` with ``grid``, ``density``, ``density_stderr``, the raw
@@ -209,28 +218,87 @@ def spectral_density(
     if log_floor is not None:
         log_floor = check_positive(log_floor, "log_floor", strict=False)
     g = default_generator(generator, op.device)
-    exact, extra, run_op = None, 0, op
-    if isinstance(deflate, EigenResult):
-        eig = deflate
-    elif deflate is None and min(20, n // 20) > 0:
-        eig = top_eigenpairs(op, min(20, n // 20), criterion="residual", tol=1e-3, generator=g)
-        extra = eig.num_matvecs
-    elif deflate is not None and check_int(deflate, "deflate", minimum=0, maximum=n - 2) > 0:
-        eig = top_eigenpairs(op, deflate, criterion="residual", tol=1e-3, generator=g)
-        extra = eig.num_matvecs
+    if deflate is None:
+        k_defl: int | str = min(20, n // 20)
+    elif isinstance(deflate, EigenResult):
+        k_defl = "given"
     else:
-        eig = None
-    if eig is not None:
-        U, _ = torch.linalg.qr(eig.eigenvectors.to(op.dtype))
+        k_defl = check_int(deflate, "deflate", minimum=0, maximum=n - 2)
+    config, saved = None, None
+    if checkpoint is not None:
+        check_int(checkpoint_every, "checkpoint_every")
+        config = {
+            "n": n,
+            "dtype": str(op.dtype),
+            "num_probes": p,
+            "num_steps": m,
+            "probe": probe,
+            "basis_dtype": str(basis_dtype or op.dtype),
+            "deflate": k_defl,
+        }
+        saved = load_state(checkpoint, "spectral_density", config)
+    exact, extra, run_op, U = None, 0, op, None
+    if saved is not None:
+        exact, extra = saved["exact"], int(saved["extra"])
+        U = None if saved["U"] is None else saved["U"].to(op.device)
+        g.set_state(saved["rng"])
+    elif isinstance(deflate, EigenResult):
+        U, _ = torch.linalg.qr(deflate.eigenvectors.to(op.dtype))
+        exact = deflate.eigenvalues
+    elif isinstance(k_defl, int) and k_defl > 0:
+        try:
+            eig = top_eigenpairs(op, k_defl, criterion="residual", tol=1e-3, generator=g)
+        except KeyboardInterrupt:
+            if checkpoint is None:
+                raise
+            raise KeyboardInterrupt(
+                f"spectral_density interrupted while computing the {k_defl} eigenpairs to "
+                "deflate; nothing was saved yet (they take a few dozen matvecs)."
+            ) from None
+        extra = eig.num_matvecs
+        U, _ = torch.linalg.qr(eig.eigenvectors)
         exact = eig.eigenvalues
+    if U is not None:
         run_op = _Deflated(op, U)
         m = min(m, n - U.shape[1])
     Z = draw_probes(probe, n, p, op.dtype, op.device, g)
-    if exact is not None:
+    if U is not None:
         Z = run_op._project(Z)
     Z = Z / Z.norm(dim=0)
+    save = None
+    progress = {"count": extra}
+    if checkpoint is not None:
+
+        def save(state: dict) -> None:
+            progress["count"] = extra + int(state["count"])
+            payload = {
+                "lanczos": state,
+                "exact": exact,
+                "U": U,
+                "extra": extra,
+                "rng": g.get_state(),
+            }
+            save_state(checkpoint, "spectral_density", config or {}, payload)
+
     try:
-        dec = _batched_lanczos(run_op, Z, m, g, True, True, basis_dtype)
+        dec = _batched_lanczos(
+            run_op,
+            Z,
+            m,
+            g,
+            True,
+            True,
+            basis_dtype,
+            resume=None if saved is None else saved["lanczos"],
+            save=save,
+            save_every=checkpoint_every,
+        )
+    except KeyboardInterrupt:
+        if checkpoint is None:
+            raise
+        raise KeyboardInterrupt(
+            interrupted_message(checkpoint, "spectral_density", progress["count"])
+        ) from None
     except NonFiniteError as err:
         part = err.partial
         if isinstance(part, LanczosDecomposition) and int(part.num_steps.max()) > 0:
@@ -260,6 +328,8 @@ def spectral_density(
             else:
                 err.partial = None
         raise
+    if checkpoint is not None:
+        remove_state(checkpoint)
     return _assemble(
         dec, n, op.dtype, grid, sigma, num_grid, log_scale, log_floor, True, exact, extra
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from typing import Any
 
@@ -17,6 +18,7 @@ from .._checks import (
 )
 from ..operators.base import LinearOperator
 from ._results import EigenResult
+from .checkpoint import interrupted_message, load_state, remove_state, save_state
 from .lanczos import as_symmetric_operator, default_generator, orthonormalize, random_block
 
 __all__ = ["Which", "Criterion", "top_eigenpairs"]
@@ -155,6 +157,14 @@ class _ThickRestartLanczos:
         W = self.op.matmat(Q.to(self.op.dtype))
         self.count += bq
         check_finite(W, f"the operator product after {self.count} matvecs", self.last)
+        self._dirty = True  # the state is inconsistent until this step has finished
+        try:
+            return self._extend(Q, W)
+        finally:
+            self._dirty = False
+
+    def _extend(self, Q: Tensor, W: Tensor) -> bool:
+        bq = Q.shape[1]
         j = self.j
         W_b = W.to(self.bdtype)
         self.V[:, j : j + bq] = Q
@@ -211,12 +221,58 @@ class _ThickRestartLanczos:
         self.j = pk
         self.restarts += 1
 
-    def run(self) -> EigenResult:
-        while True:
-            if self.count + self.Q.shape[1] > self.budget:
-                break
-            if self.step():
-                break
+    # -- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        j = self.j
+        return {
+            "j": j,
+            "V": self.V[:, :j].clone(),
+            "AV": self.AV[:, :j].clone(),
+            "H": self.H[:j, :j].clone(),
+            "Q": self.Q.clone(),
+            "count": self.count,
+            "restarts": self.restarts,
+            "rng": self.g.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        j = int(state["j"])
+        dev = self.op.device
+        self.j = j
+        self.V[:, :j] = state["V"].to(dev)
+        self.AV[:, :j] = state["AV"].to(dev)
+        self.H[:j, :j] = state["H"].to(dev)
+        self.Q = state["Q"].to(dev)
+        self.count = int(state["count"])
+        self.restarts = int(state["restarts"])
+        self.g.set_state(state["rng"])
+        if j > 0:
+            self.last = self.ritz()[0]
+
+    def run(
+        self, checkpoint: Any = None, every: int = 50, config: dict | None = None
+    ) -> EigenResult:
+        saved_at = self.count
+        self._dirty = False
+        try:
+            while True:
+                if self.count + self.Q.shape[1] > self.budget:
+                    break
+                if self.step():
+                    break
+                if checkpoint is not None and self.count - saved_at >= every:
+                    save_state(checkpoint, "top_eigenpairs", config or {}, self.state_dict())
+                    saved_at = self.count
+        except KeyboardInterrupt:
+            if checkpoint is None:
+                raise
+            if not self._dirty:
+                save_state(checkpoint, "top_eigenpairs", config or {}, self.state_dict())
+            raise KeyboardInterrupt(
+                interrupted_message(checkpoint, "top_eigenpairs", self.count)
+            ) from None
+        if checkpoint is not None:
+            remove_state(checkpoint)
         assert self.last is not None
         return self.last
 
@@ -234,6 +290,8 @@ def top_eigenpairs(
     block_size: int = 1,
     max_basis: int | None = None,
     basis_dtype: torch.dtype | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -276,6 +334,11 @@ def top_eigenpairs(
             the number of wanted pairs.
         basis_dtype: storage dtype of the basis (``torch.float32`` halves memory for a
             float64 operator); default the operator's.
+        checkpoint: a file path: the Krylov state is saved there every
+            ``checkpoint_every`` matvecs and on Ctrl-C, and a later call with the same path
+            (same operator and settings) resumes from it; removed when the run finishes
+            (see :mod:`hesse.linalg.checkpoint`).
+        checkpoint_every: matvecs between saves (default 50).
 
     Returns:
         :class:`EigenResult` with ``eigenvalues`` ``(k,)`` (``(2k,)`` for ``both_ends``: the
@@ -335,4 +398,21 @@ def top_eigenpairs(
             Q0 = torch.cat([Q0, random_block(n, b - Q0.shape[1], op.dtype, op.device, g)], 1)
     Q0, _ = orthonormalize(Q0.to(bdtype), None, g)
     solver = _ThickRestartLanczos(op, k, which, tol, criterion, budget, b, m, bdtype, g, Q0)
-    return solver.run()
+    config = None
+    if checkpoint is not None:
+        check_int(checkpoint_every, "checkpoint_every")
+        config = {
+            "n": n,
+            "dtype": str(op.dtype),
+            "basis_dtype": str(bdtype),
+            "k": k,
+            "which": which,
+            "tol": tol,
+            "criterion": criterion,
+            "block_size": b,
+            "max_basis": m,
+        }
+        state = load_state(checkpoint, "top_eigenpairs", config)
+        if state is not None:
+            solver.load_state_dict(state)
+    return solver.run(checkpoint, checkpoint_every, config)

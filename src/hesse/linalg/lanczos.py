@@ -7,6 +7,7 @@ Lanczos quadrature needs. Restarted eigen-solvers live in :mod:`hesse.linalg.eig
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,57 +223,103 @@ def _batched_lanczos(
     reorthogonalize: bool = True,
     keep_basis: bool = True,
     basis_dtype: torch.dtype | None = None,
-    on_step: Any = None,
+    *,
+    resume: dict | None = None,
+    save: Callable[[dict], None] | None = None,
+    save_every: int = 0,
 ) -> LanczosDecomposition:
-    """Independent Lanczos recurrences for the unit columns of ``Q0`` (see :func:`lanczos`)."""
+    """Independent Lanczos recurrences for the unit columns of ``Q0`` (see :func:`lanczos`).
+
+    ``resume`` continues from a state produced by ``save`` (called every ``save_every``
+    matvecs and, before re-raising, on ``KeyboardInterrupt``).
+    """
     n, p = Q0.shape
     dtype = op.dtype
+    dev = op.device
     bdtype = basis_dtype or dtype
     eps = torch.finfo(dtype).eps
-    basis = torch.zeros(p, m, n, dtype=bdtype, device=op.device) if keep_basis else None
-    alpha = torch.zeros(p, m, dtype=dtype, device=op.device)
-    beta = torch.zeros(p, m, dtype=dtype, device=op.device)
+    basis = torch.zeros(p, m, n, dtype=bdtype, device=dev) if keep_basis else None
+    alpha = torch.zeros(p, m, dtype=dtype, device=dev)
+    beta = torch.zeros(p, m, dtype=dtype, device=dev)
     steps = torch.zeros(p, dtype=torch.long)
     active = torch.ones(p, dtype=torch.bool)
     q = Q0.T.contiguous()  # (p, n) current vectors
     q_prev = torch.zeros_like(q)
-    b_prev = torch.zeros(p, dtype=dtype, device=op.device)
+    b_prev = torch.zeros(p, dtype=dtype, device=dev)
     count = 0
-    scale = torch.zeros((), dtype=dtype, device=op.device)
+    scale = torch.zeros((), dtype=dtype, device=dev)
+    start = 0
+    if resume is not None:
+        start = int(resume["j"])
+        if basis is not None:
+            basis[:, :start] = resume["basis"].to(dev)
+        alpha[:, :start] = resume["alpha"].to(dev)
+        beta[:, :start] = resume["beta"].to(dev)
+        steps[:] = resume["steps"]
+        active[:] = resume["active"]
+        q, q_prev = resume["q"].to(dev), resume["q_prev"].to(dev)
+        b_prev, scale = resume["b_prev"].to(dev), resume["scale"].to(dev)
+        count = int(resume["count"])
 
     def partial() -> LanczosDecomposition:
         return LanczosDecomposition(basis, alpha, beta, steps.clone(), count)
 
-    for j in range(m):
-        idx = torch.nonzero(active).reshape(-1)
-        if idx.numel() == 0:
-            break
-        qa = q[idx]
-        W = op.matmat(qa.T.contiguous()).T  # (a, n)
-        count += idx.numel()
-        check_finite(W, f"the operator product at Lanczos step {j + 1}", partial())
-        if basis is not None:
-            basis[idx, j] = qa.to(bdtype)
-        a = (qa * W).sum(1)
-        alpha[idx, j] = a
-        W = W - a.unsqueeze(1) * qa - b_prev[idx].unsqueeze(1) * q_prev[idx]
-        if reorthogonalize and basis is not None:
-            B = basis[:, : j + 1] if idx.numel() == p else basis[idx, : j + 1]
-            B = B.to(dtype)  # (a, j+1, n); a no-op view unless basis_dtype differs
-            for _ in range(2):
-                W = W - torch.bmm((torch.bmm(B, W.unsqueeze(2))).transpose(1, 2), B).squeeze(1)
-        bnew = W.norm(dim=1)
-        scale = torch.maximum(scale, (a.abs() + bnew + b_prev[idx]).max())
-        beta[idx, j] = bnew
-        steps[idx] = j + 1
-        # breakdown: the Krylov space of this start vector is invariant; it is finished
-        done = bnew <= 10 * eps * scale * (j + 1)
-        if bool(done.any()):
-            beta[idx[done], j] = 0.0
-            active[idx[done].cpu()] = False
-        q_prev[idx] = qa
-        b_prev[idx] = bnew
-        q[idx] = W / bnew.clamp_min(torch.finfo(dtype).tiny).unsqueeze(1)
-        if on_step is not None:
-            on_step(j, partial)
+    def state(j: int) -> dict:
+        return {
+            "j": j,
+            "basis": None if basis is None else basis[:, :j].clone(),
+            "alpha": alpha[:, :j].clone(),
+            "beta": beta[:, :j].clone(),
+            "steps": steps.clone(),
+            "active": active.clone(),
+            "q": q.clone(),
+            "q_prev": q_prev.clone(),
+            "b_prev": b_prev.clone(),
+            "scale": scale.clone(),
+            "count": count,
+        }
+
+    saved_at = count
+    snapshot = None
+    j = start
+    try:
+        for j in range(start, m):
+            idx = torch.nonzero(active).reshape(-1)
+            if idx.numel() == 0:
+                break
+            qa = q[idx]
+            W = op.matmat(qa.T.contiguous()).T  # (a, n)
+            check_finite(W, f"the operator product at Lanczos step {j + 1}", partial())
+            snapshot = j  # from here until the step ends the state is not consistent
+            count += idx.numel()
+            if basis is not None:
+                basis[idx, j] = qa.to(bdtype)
+            a = (qa * W).sum(1)
+            alpha[idx, j] = a
+            W = W - a.unsqueeze(1) * qa - b_prev[idx].unsqueeze(1) * q_prev[idx]
+            if reorthogonalize and basis is not None:
+                B = basis[:, : j + 1] if idx.numel() == p else basis[idx, : j + 1]
+                B = B.to(dtype)  # (a, j+1, n); a no-op view unless basis_dtype differs
+                for _ in range(2):
+                    W = W - torch.bmm(torch.bmm(B, W.unsqueeze(2)).transpose(1, 2), B).squeeze(1)
+            bnew = W.norm(dim=1)
+            scale = torch.maximum(scale, (a.abs() + bnew + b_prev[idx]).max())
+            beta[idx, j] = bnew
+            steps[idx] = j + 1
+            # breakdown: the Krylov space of this start vector is invariant; it is finished
+            done = bnew <= 10 * eps * scale * (j + 1)
+            if bool(done.any()):
+                beta[idx[done], j] = 0.0
+                active[idx[done].cpu()] = False
+            q_prev[idx] = qa
+            b_prev[idx] = bnew
+            q[idx] = W / bnew.clamp_min(torch.finfo(dtype).tiny).unsqueeze(1)
+            snapshot = None
+            if save is not None and save_every and count - saved_at >= save_every:
+                save(state(j + 1))
+                saved_at = count
+    except KeyboardInterrupt:
+        if save is not None and snapshot is None:
+            save(state(j))
+        raise
     return partial()
