@@ -312,3 +312,48 @@ def test_bad_input_messages():
         prune("model", sparsity=0.5, method="magnitude")
     with pytest.raises(ValueError, match="block_size >= one row"):
         prune(model, loss_fn, data, 0.5, structured="rows", block_size=3)
+
+
+# -- Woodbury form for large layers ---------------------------------------------------------------
+
+
+def test_woodbury_matches_dense_inverse_and_update():
+    from hesse.compress.saliency import woodbury_inverse_diag, woodbury_masked_update
+
+    g = torch.Generator().manual_seed(7)
+    U = torch.randn(5, 12, generator=g, dtype=DT)  # rank 5 < n = 12
+    lam = 0.3
+    H = lam * torch.eye(12, dtype=DT) + U.T @ U
+    w = torch.randn(12, generator=g, dtype=DT)
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[[2, 9]] = False
+    dense = masked_inverse(H.unsqueeze(0), mask.unsqueeze(0))[0].diagonal()
+    torch.testing.assert_close(woodbury_inverse_diag(U, lam, mask)[mask], dense[mask])
+    new = mask.clone()
+    new[[0, 5]] = False
+    torch.testing.assert_close(
+        woodbury_masked_update(w * mask, U, lam, new),
+        obs_masked_update((w * mask).unsqueeze(0), H.unsqueeze(0), new.unsqueeze(0))[0],
+    )
+
+
+def test_prune_woodbury_equals_dense_whole_layer_obs():
+    model, loss_fn, data = _tiny_classifier()
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    kw = dict(method="obs", curvature="fisher", block_size=None, num_steps=3)
+    ma = prune(a, loss_fn, data, 0.6, woodbury=True, **kw)
+    mb = prune(b, loss_fn, data, 0.6, woodbury=False, **kw)
+    for k in ma:
+        assert torch.equal(ma[k], mb[k])
+    torch.testing.assert_close(a[0].weight, b[0].weight, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(a[2].weight, b[2].weight, rtol=1e-7, atol=1e-10)
+    with pytest.raises(NotImplementedError, match="structured"):
+        prune(
+            copy.deepcopy(model),
+            loss_fn,
+            data,
+            0.5,
+            structured="rows",
+            woodbury=True,
+            block_size=None,
+        )

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_positive
-from ._factors import CURVATURES, block_diagonal, block_size_for
+from ._factors import CURVATURES, block_diagonal, block_size_for, factor_matrix
 from ._layers import WeightRef, apply_mask, compressible_weights, current_mask
 from .saliency import (
     damped,
@@ -26,9 +26,13 @@ from .saliency import (
     obs_group_saliency,
     obs_masked_update,
     obs_saliency,
+    woodbury_inverse_diag,
+    woodbury_masked_update,
 )
 
 __all__ = ["PruneMethod", "prune", "sparsity_of"]
+
+WOODBURY_MIN = 4096  # whole-layer blocks larger than this use the Woodbury form by default
 
 
 class PruneMethod(str, Enum):
@@ -102,11 +106,7 @@ def _targets(
 
 def _remove(mask: Tensor, units: Tensor, structured: bool) -> Tensor:
     m = mask.clone()
-    mu = _units(m, structured)
-    if structured:
-        mu[units] = False
-    else:
-        mu[units] = False
+    _units(m, structured)[units] = False  # a view of m
     return m
 
 
@@ -124,6 +124,7 @@ def prune(
     num_steps: int = 16,
     damping: float = 1e-2,
     recompute: bool = False,
+    woodbury: bool | None = None,
     layers: Sequence[str] | None = None,
     chunk_size: int = 256,
     **obd_kwargs: Any,
@@ -163,6 +164,12 @@ def prune(
         num_steps: OBS rounds.
         damping: relative damping of the OBS blocks (> 0).
         recompute: rebuild the curvature at the current weights before every OBS round.
+        woodbury: for whole-layer blocks, keep the ``r x n`` square-root factor ``U`` and
+            invert ``lambda I + U^T U`` by Woodbury (rank-``r`` updates of
+            ``(lambda I)^-1``: ``O(r^2 n)`` time, ``O(r n)`` memory, no ``n x n`` matrix) -- the
+            choice for large layers with ``r < n`` (``r = N`` for the empirical Fisher,
+            ``N C`` for the GGN). Default: on for whole-layer blocks of more than 4096
+            weights.
         layers: module names to prune (default every Linear/Conv layer).
         chunk_size: samples per batched Jacobian when building the curvature.
         **obd_kwargs: ``exact_max``, ``num_matvecs``, ``generator`` for OBD with the Hessian.
@@ -236,6 +243,7 @@ def prune(
         damping,
         recompute,
         chunk_size,
+        woodbury,
     )
 
 
@@ -262,9 +270,18 @@ def _prune_obs(
     damping,
     recompute,
     chunk_size,
+    woodbury,
 ) -> dict[str, Tensor]:
     sizes = {r.name: block_size_for(r, block_size) for r in refs}
+    # Woodbury (factor rows instead of an n x n block) for whole-layer blocks of large layers
+    wb = {r.name: bool(woodbury) if woodbury is not None else r.numel > WOODBURY_MIN for r in refs}
+    wb = {k: v and sizes[k] == next(r.numel for r in refs if r.name == k) for k, v in wb.items()}
     if structured:
+        if any(wb.values()):
+            raise NotImplementedError(
+                "structured='rows' OBS uses dense blocks; pass block_size (e.g. 128) or "
+                "woodbury=False."
+            )
         for r in refs:
             row = r.numel // r.rows
             if sizes[r.name] % row:
@@ -276,17 +293,32 @@ def _prune_obs(
     M = {r.name: masks[r.name].reshape(-1, sizes[r.name]) for r in refs}
     W = {k: W[k] * M[k] for k in W}
     Hd: dict[str, Tensor] = {}
+    Uf: dict[str, tuple[Tensor, float]] = {}
 
     def build() -> None:
-        H = block_diagonal(
-            model, loss_fn, data, refs, curvature, block_size=block_size, chunk_size=chunk_size
-        )
-        for k, h in H.items():
-            Hd[k] = damped(h.double(), damping)[0]
+        dense_refs = [r for r in refs if not wb[r.name]]
+        wood_refs = [r for r in refs if wb[r.name]]
+        if dense_refs:
+            H = block_diagonal(
+                model,
+                loss_fn,
+                data,
+                dense_refs,
+                curvature,
+                block_size=block_size,
+                chunk_size=chunk_size,
+            )
+            for k, h in H.items():
+                Hd[k] = damped(h.double(), damping)[0]
+        if wood_refs:
+            U = factor_matrix(model, loss_fn, data, wood_refs, curvature, chunk_size=chunk_size)
+            for k, u in U.items():
+                u = u.double()
+                lam = damping * float(u.pow(2).sum() / u.shape[1])
+                Uf[k] = (u, max(lam, 1e-30))
 
     build()
     final = _targets(refs, masks, sparsity, scope)
-    start = {k: 0 for k in M} if isinstance(final, dict) else 0
     for step in range(1, num_steps + 1):
         if recompute and step > 1:
             for r in refs:
@@ -306,6 +338,12 @@ def _prune_obs(
         sal = {}
         for r in refs:
             k = r.name
+            if wb[k]:
+                u, lam = Uf[k]
+                d = woodbury_inverse_diag(u, lam, M[k][0])
+                s = W[k][0].pow(2) / (2 * d)
+                sal[k] = torch.where(M[k][0], s, torch.full_like(s, float("inf")))
+                continue
             Hinv = masked_inverse(Hd[k], M[k])
             if structured:
                 row = r.numel // r.rows
@@ -318,9 +356,12 @@ def _prune_obs(
             full = M[k].reshape(r.param.shape)
             newm = _remove(full, chosen[k], structured).reshape(M[k].shape)
             if bool((newm != M[k]).any()):
-                W[k] = obs_masked_update(W[k], Hd[k], newm)
+                if wb[k]:
+                    u, lam = Uf[k]
+                    W[k] = woodbury_masked_update(W[k][0], u, lam, newm[0]).unsqueeze(0)
+                else:
+                    W[k] = obs_masked_update(W[k], Hd[k], newm)
             M[k] = newm
-    del start
     out = {}
     for r in refs:
         k = r.name
