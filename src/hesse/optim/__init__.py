@@ -48,3 +48,11 @@ __all__ += ["BFGS", "DFP", "HessianFree", "LBFGS", "Newton", "SR1"]
 from .shampoo import Shampoo  # noqa: E402
 
 __all__ += ["Shampoo"]
+
+from .natural_gradient import NaturalGradient  # noqa: E402
+
+__all__ += ["NaturalGradient"]
+
+from .adaptive import AdaHessian, CurvatureLR, SophiaH  # noqa: E402
+
+__all__ += ["AdaHessian", "CurvatureLR", "SophiaH"]
