@@ -270,3 +270,31 @@ def test_recorded_loss_is_the_measurement_batch_loss():
         if kw:
             ref += 0.05 * float(sum(p.detach().pow(2).sum() for p in model.parameters()))
         assert abs(tr.history[-1].loss - ref) < 1e-12 * max(1.0, abs(ref))
+
+
+def test_preconditioned_sharpness_for_rmsprop_and_auto_fallback():
+    model, loss_fn, data, H = _quadratic(2)
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, eps=1e-8)
+    tr = SharpnessTracker(
+        model, loss_fn, data, every=2, optimizer=opt, generator=torch.Generator().manual_seed(0)
+    )
+    _train(model, loss_fn, data, opt, tr, 4)
+    P = opt.state[model.weight]["square_avg"].sqrt().reshape(-1) + 1e-8
+    Dm = torch.diag(P.rsqrt())
+    ref = float(torch.linalg.eigvalsh(Dm @ H @ Dm)[-1])
+    rec = tr.history[-1]
+    assert abs(rec.precond_lambda_max - ref) <= 1e-3 * ref
+    assert abs(rec.precond_ratio - 0.01 * ref / 2) <= 1e-3 * rec.precond_ratio
+    # two learning rates: 'auto' warns once and carries on without the preconditioned value
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 1)).double()
+    groups = [{"params": [net[0].weight], "lr": 0.01}, {"params": [net[0].bias], "lr": 0.1}]
+    opt2 = torch.optim.Adam(groups)
+    X, y = data[0], data[1]
+    tr2 = SharpnessTracker(net, loss_fn, (X, y), every=1, optimizer=opt2, lr=0.01)
+    with pytest.warns(UserWarning, match="preconditioned sharpness disabled"):
+        _train(net, loss_fn, (X, y), opt2, tr2, 2)
+    assert tr2.history[-1].precond_lambda_max is None and tr2.history[-1].lambda_max > 0
+    with pytest.raises(ValueError, match="common learning rate"):
+        t3 = SharpnessTracker(net, loss_fn, (X, y), every=1, optimizer=opt2, preconditioned=True)
+        t3.step()

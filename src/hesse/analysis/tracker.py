@@ -142,12 +142,13 @@ def adam_preconditioner(
         st = optimizer.state.get(p, {})
         g = groups[id(p)]
         eps = float(g.get("eps", 1e-8))
-        if name in ("adam", "adamw", "nadam", "radam"):
+        if name in ("adam", "adamw"):
             if "exp_avg_sq" not in st:
                 return None
             b1, b2 = g["betas"]
             t = float(st["step"])
-            v_hat = st["exp_avg_sq"] / (1 - b2**t)
+            v = st["max_exp_avg_sq"] if g.get("amsgrad", False) else st["exp_avg_sq"]
+            v_hat = v / (1 - b2**t)
             parts.append(((1 - b1**t) * (v_hat.sqrt() + eps)).reshape(-1))
             factor = (2 + 2 * b1) / (1 - b1)
         elif name == "rmsprop":
@@ -170,7 +171,7 @@ def adam_preconditioner(
     return torch.cat(parts).detach(), lr, factor
 
 
-_ADAPTIVE = ("adam", "adamw", "nadam", "radam", "rmsprop", "adagrad")
+_ADAPTIVE = ("adam", "adamw", "rmsprop", "adagrad")
 
 
 class SharpnessTracker:
@@ -276,6 +277,7 @@ class SharpnessTracker:
         self.csv_path = None if csv_path is None else Path(csv_path)
         self.json_path = None if json_path is None else Path(json_path)
         self._params = list(self.operator.objective.params.values())
+        self._precond_auto = preconditioned == "auto"
         self._precond = self._resolve_preconditioner(preconditioned)
         self.writer = writer
         if writer is None and log_dir is not None:
@@ -377,7 +379,13 @@ class SharpnessTracker:
 
         pre_lam = pre_ratio = None
         if self._precond is not None:
-            got = self._precond()
+            try:
+                got = self._precond()
+            except (ValueError, NotImplementedError) as e:
+                if not self._precond_auto:
+                    raise
+                warn_once(f"SharpnessTracker: preconditioned sharpness disabled: {e}")
+                self._precond = got = None
             if got is not None:
                 P, lr_p, factor = got
                 scaled = _SymmetricScaled(op, P.to(op.dtype).rsqrt())
