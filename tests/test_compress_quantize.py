@@ -330,3 +330,26 @@ def test_allocation_from_sensitivity_result():
     assert a.size_bits <= int(4.0 * (72 + 96 + 24))
     q = quantize(copy.deepcopy(model), data, a.bits, method="rtn")
     assert q.size_bits == a.size_bits
+
+
+def test_conv2d_quantize_and_prune():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 1, 6, 6, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (24,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 3)
+    ).to(DT)
+    loss_fn = nn.CrossEntropyLoss()
+    m = copy.deepcopy(model)
+    res = quantize(m, (X, y), 2, method="obs", layers=["0"])
+    W0, Wq = model[0].weight.detach(), m[0].weight.detach()
+    conv = torch.nn.functional.conv2d
+    rel = conv(X, W0 - Wq, padding=1).pow(2).sum() / conv(X, W0, padding=1).pow(2).sum()
+    assert res.layer_error["0.weight"] == pytest.approx(float(rel), rel=1e-8)
+    from hesse.compress import prune, sparsity_of
+
+    p = copy.deepcopy(model)
+    prune(p, loss_fn, (X, y), 0.5, method="obs", num_steps=2)
+    assert sparsity_of(p)["global"] == pytest.approx(round(0.5 * (27 + 324)) / (27 + 324))
+    assert hasattr(p[0], "weight_mask")
