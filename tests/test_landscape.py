@@ -230,3 +230,29 @@ def test_plots_write_png(tmp_path):
     s2 = loss_surface_2d(model, loss_fn, data, "random", num_points=5, generator=gen)
     plot_loss_surface_2d(s2, tmp_path / "sub" / "surface.png")
     assert (tmp_path / "sub" / "surface.png").stat().st_size > 1000
+
+
+def test_surface_2d_top_eigenvectors_and_dense_curvature():
+    model, loss_fn, data = _problem(5)
+    H = dense_hessian(model, loss_fn, data)
+    evals = torch.linalg.eigvalsh(H)
+    s = loss_surface_2d(
+        model,
+        loss_fn,
+        data,
+        "top",
+        radius=0.05,
+        num_points=3,
+        generator=torch.Generator().manual_seed(0),
+    )
+    scale = float(evals.abs().max())
+    assert s.direction_kind == "top"
+    torch.testing.assert_close(
+        s.directions.T @ s.directions, torch.eye(2, dtype=F64), atol=1e-6, rtol=0
+    )
+    assert abs(float(s.curvature[0, 0]) - float(evals[-1])) < 1e-3 * scale
+    assert abs(float(s.curvature[1, 1]) - float(evals[-2])) < 1e-3 * scale
+    assert abs(float(s.curvature[0, 1])) < 1e-3 * scale
+    # a dense (n, n) curvature gives the same quadratic model as the operator
+    s2 = loss_surface_2d(model, loss_fn, data, s.directions, radius=0.05, num_points=3, curvature=H)
+    torch.testing.assert_close(s2.quadratic, s.quadratic, rtol=1e-8, atol=1e-10)
