@@ -88,3 +88,5 @@ from .analysis.critical import (  # noqa: E402
 )
 
 __all__ += ["classify_critical_point", "layer_max_stable_lr", "max_stable_lr", "stopping_rule"]
+
+from . import compress as compress  # noqa: E402  (hesse.compress.prune, quantize, ...)
