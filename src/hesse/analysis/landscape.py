@@ -320,7 +320,6 @@ def loss_slice(
     References:
         Li et al., Visualizing the Loss Landscape of Neural Nets, NeurIPS 2018.
     """
-    alphas = None
     kind = "given"
     eigenvalue = None
     holder: dict[str, HessianOperator] = {}
