@@ -353,3 +353,18 @@ def test_conv2d_quantize_and_prune():
     prune(p, loss_fn, (X, y), 0.5, method="obs", num_steps=2)
     assert sparsity_of(p)["global"] == pytest.approx(round(0.5 * (27 + 324)) / (27 + 324))
     assert hasattr(p[0], "weight_mask")
+
+
+def test_non_finite_inputs_raise():
+    from hesse import NonFiniteError
+
+    model, loss_fn, (X, y) = _mlp()
+    Xbad = X.clone()
+    Xbad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        quantize(copy.deepcopy(model), Xbad, 3)
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad[2].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError):
+        quantize(bad, X, 3, layers=["2"])

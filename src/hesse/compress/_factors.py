@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_finite, check_int
 from ..objective import Objective
 from ._layers import WeightRef
 
@@ -142,6 +142,8 @@ def block_diagonal(
                 blocks[name] += contrib
             else:
                 blocks[name] = contrib
+    for name, b in blocks.items():
+        check_finite(b, f"the curvature blocks of {name}")
     return blocks
 
 
@@ -160,6 +162,8 @@ def diagonal(
         for name, u in U.items():
             d = u.pow(2).sum(0)
             diag[name] = diag[name] + d if name in diag else d
+    for name, d in diag.items():
+        check_finite(d, f"the curvature diagonal of {name}")
     return {r.name: diag[r.name].reshape(r.param.shape) for r in refs}
 
 
@@ -181,4 +185,7 @@ def factor_matrix(
     for U in factor_chunks(model, loss_fn, data, refs, curvature, chunk_size=chunk_size):
         for name, u in U.items():
             parts[name].append(u)
-    return {k: torch.cat(v) for k, v in parts.items()}
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    for name, u in out.items():
+        check_finite(u, f"the curvature factor of {name}")
+    return out

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int, check_positive
+from .._checks import check_choice, check_finite, check_int, check_positive
 from ._layers import WeightRef, compressible_weights
 
 __all__ = [
@@ -379,7 +379,8 @@ def quantize(
         Hs = {r.name: layer_inputs_hessian(model, r, inputs) for r in refs}
     for r in refs:
         H = Hs[r.name] if not sequential else layer_inputs_hessian(model, r, inputs)
-        W = _as_matrix(r)
+        W = check_finite(_as_matrix(r), f"the weights of {r.name}")
+        check_finite(H, f"the calibration inputs of {r.name}")
         if method == "rtn":
             Q = quantize_rtn(W.double(), per[r.name], grid=grid or "minmax", num_grid=num_grid)
         else:
