@@ -86,6 +86,7 @@ def detect_negative_curvature(
         :class:`NegativeCurvature`.
 
     Example:
+        >>> from hesse import hessian_of
         >>> H = hessian_of(lambda w: w[0] ** 2 - w[1] ** 2, torch.zeros(2, dtype=torch.float64))
         >>> detect_negative_curvature(H).lambda_min
         -2.0...
