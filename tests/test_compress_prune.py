@@ -357,3 +357,19 @@ def test_prune_woodbury_equals_dense_whole_layer_obs():
             woodbury=True,
             block_size=None,
         )
+
+
+def test_recompute_and_structured_obs_quality():
+    model, loss_fn, data = _tiny_classifier()
+    X = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    m = copy.deepcopy(model)
+    prune(m, loss_fn, data, 0.6, method="obs", num_steps=3, recompute=True)
+    assert sparsity_of(m)["global"] == pytest.approx(round(0.6 * 72) / 72)
+    losses = {}
+    for method in ("obs", "magnitude"):
+        m = copy.deepcopy(model)
+        prune(m, loss_fn, data, 0.5, method=method, structured="rows", layers=["0"])
+        with torch.no_grad():
+            losses[method] = float(loss_fn(m(X), y))
+    assert losses["obs"] < losses["magnitude"]
