@@ -8,6 +8,7 @@ the data, and with the dense float64 Hessian.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -90,6 +91,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         ).backward()
         res["ddp_grad"] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         model.zero_grad(set_to_none=True)
+        del ddp  # free DDP's reducer while the process group is alive (else gloo can hang)
 
         # Parameters that differ between ranks are refused on every rank.
         bad = _problem()[0]
@@ -116,11 +118,17 @@ def _worker(rank: int, store: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    # fork (Linux) skips re-importing torch in the children: start-up is most of the cost.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(
-        _worker, args=(str(d / "store"), str(d)), nprocs=2, join=True, start_method=method
+    # spawn, not fork: a forked child inherits the parent's thread pools and locks (the whole
+    # suite has used torch by now) and was seen to hang in gloo's teardown.
+    ctx = mp.start_processes(
+        _worker, args=(str(d / "store"), str(d)), nprocs=2, join=False, start_method="spawn"
     )
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("distributed workers did not finish within 300 s")
     return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
