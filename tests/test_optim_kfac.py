@@ -108,9 +108,9 @@ def test_batch_factors_match_independent_reference_and_error_is_documented():
     g = _gen(3)
     model = _mlp()
     loss_fn = nn.CrossEntropyLoss()
-    X = torch.randn(9, 4, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (9,), generator=g)
-    data = [(X[:5], y[:5]), (X[5:], y[5:])]  # unequal batches: exact mean weighting
+    X = torch.randn(6, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=g)
+    data = [(X[:4], y[:4]), (X[4:], y[4:])]  # unequal batches: exact mean weighting
     K = KFACOperator(model, loss_fn, data)
     ref = _reference_batch_block(model, loss_fn, X, y)
     assert rel(K.block("0").to_dense(), ref) < 1e-10
@@ -137,12 +137,19 @@ def test_mc_fisher_factors_are_unbiased():
     X = torch.randn(6, 4, generator=g, dtype=DT)
     data = (X, torch.randint(0, 3, (6,), generator=g))
     exact = KFACOperator(model, nn.CrossEntropyLoss(), data).factors
-    mc = KFACOperator(
-        model, nn.CrossEntropyLoss(), data, fisher="mc", num_samples=4000, generator=_gen(6)
-    ).factors
+    gen = _gen(6)
+    runs = [
+        KFACOperator(
+            model, nn.CrossEntropyLoss(), data, fisher="mc", num_samples=40, generator=gen
+        ).factors
+        for _ in range(10)
+    ]
     for name in exact:
-        assert torch.allclose(mc[name][0], exact[name][0])  # A does not depend on sampling
-        assert rel(mc[name][1], exact[name][1]) < 0.05
+        assert torch.allclose(runs[0][name][0], exact[name][0])  # A does not depend on sampling
+        Gs = torch.stack([r[name][1] for r in runs])
+        mean, se = Gs.mean(0), Gs.std(0) / len(runs) ** 0.5
+        assert bool(((mean - exact[name][1]).abs() <= 4 * se + 1e-12).all())
+        assert rel(mean, exact[name][1]) < 0.2
 
 
 def test_operator_conformance_and_inverse():

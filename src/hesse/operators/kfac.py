@@ -310,8 +310,7 @@ def output_gradient_factors(
         R = loss_hessian_sqrt(kind, f)
         weight = 1.0
     elif fisher == "mc":
-        samples = sample_targets(kind, f, num_samples, generator)
-        R = torch.stack([output_grad_unreduced(kind, f, s) for s in samples])
+        R = _sampled_residuals(kind, f.detach(), num_samples, generator)
         weight = 1.0 / num_samples
     else:
         if targets is None:
@@ -334,6 +333,20 @@ def output_gradient_factors(
         if acc is not None:
             result[i] = acc * weight
     return result
+
+
+def _sampled_residuals(
+    kind: str, f: Tensor, num_samples: int, generator: torch.Generator | None
+) -> Tensor:
+    """``r = d loss_n / d f`` at ``num_samples`` targets drawn from the model, ``(S, *f.shape)``
+    (vectorised over the samples: one softmax/sigmoid for all of them)."""
+    samples = sample_targets(kind, f, num_samples, generator)
+    if kind == "mse":
+        return 2.0 * (f.unsqueeze(0) - samples)
+    if kind == "bce":
+        return torch.sigmoid(f).unsqueeze(0) - samples
+    p = torch.softmax(f, dim=1)
+    return p.unsqueeze(0) - torch.nn.functional.one_hot(samples.long(), f.shape[1]).to(f.dtype)
 
 
 def _batched_grad(f: Tensor, outs: list[Tensor], R: Tensor) -> list[Tensor | None]:

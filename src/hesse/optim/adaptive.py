@@ -37,7 +37,10 @@ def _check_unit(value: float, name: str) -> float:
 def _check_betas(betas: Any) -> tuple[float, float]:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas={betas!r}; must be a pair (beta1, beta2).")
-    return _check_unit(betas[0], "betas[0]"), _check_unit(betas[1], "betas[1]")
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid betas={betas!r}; betas[{i}] must lie in [0, 1).")
+    return float(betas[0]), float(betas[1])
 
 
 def _make_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:

@@ -123,8 +123,9 @@ class Shampoo(Optimizer):
         b = group["graft_betas"]
         if not (isinstance(b, (tuple, list)) and len(b) == 2):
             raise ValueError(f"Invalid graft_betas={b!r}; must be a pair (beta1, beta2).")
-        _check_unit(b[0], "graft_betas[0]")
-        _check_unit(b[1], "graft_betas[1]")
+        for i, bi in enumerate(b):
+            if isinstance(bi, bool) or not isinstance(bi, (int, float)) or not 0.0 <= bi < 1.0:
+                raise ValueError(f"Invalid graft_betas={b!r}; graft_betas[{i}] must lie in [0, 1).")
         check_positive(group["graft_eps"], "graft_eps")
         check_int(group["max_preconditioner_dim"], "max_preconditioner_dim")
         check_choice(group["root_method"], "root_method", ("eigh", "newton"))
