@@ -310,6 +310,8 @@ def test_bad_input_messages():
         prune(nn.Sequential(nn.Tanh()), sparsity=0.5, method="magnitude")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         prune("model", sparsity=0.5, method="magnitude")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        prune(model, loss_fn, data, 0.5, method="obs", num_probes=3)
     with pytest.raises(ValueError, match="block_size >= one row"):
         prune(model, loss_fn, data, 0.5, structured="rows", block_size=3)
 

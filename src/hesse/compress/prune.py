@@ -206,6 +206,12 @@ def prune(
     damping = check_positive(damping, "damping")
     if method == "obs":
         check_choice(curvature, "curvature", CURVATURES)
+    unknown = set(obd_kwargs) - {"exact_max", "num_matvecs", "generator"}
+    if unknown or (obd_kwargs and method != "obd"):
+        raise TypeError(
+            f"prune() got unexpected keyword arguments {sorted(obd_kwargs)} for method="
+            f"{method!r}; exact_max, num_matvecs and generator are options of method='obd'."
+        )
     refs = compressible_weights(model, layers)
     masks = {r.name: current_mask(r) for r in refs}
     cost = {r.name: (r.numel // r.rows if structured else 1) for r in refs}
