@@ -19,6 +19,7 @@ from hesse.linalg import (
     hutchinson_trace,
     hutchpp_trace,
     trace,
+    xdiag,
     xtrace,
 )
 from hesse.linalg._probes import gaussian, probes, rademacher
@@ -255,10 +256,38 @@ def test_hutchinson_diagonal_exact_on_diagonal_matrix():
     torch.testing.assert_close(r.estimate, d, rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_xdiag_exact_on_low_rank(symmetric):
+    g = gen(11)
+    U = torch.randn(80, 4, generator=g, dtype=F64)
+    W = U if symmetric else torch.randn(80, 4, generator=g, dtype=F64)
+    A = (U * torch.tensor([3.0, -1.0, 2.0, 0.5], dtype=F64)) @ W.T
+    r = xdiag(A, 14, generator=gen(0))
+    assert r.method == "xdiag" and r.num_matvecs == 14
+    torch.testing.assert_close(r.estimate, torch.diagonal(A), rtol=0, atol=1e-10)
+
+
+@pytest.mark.montecarlo
+def test_xdiag_beats_hutchinson_and_stderr_is_calibrated():
+    A = low_rank_plus_noise(150, 8, seed=4)
+    d = torch.diagonal(A)
+    rx = xdiag(A, 60, generator=gen(1))
+    rh = hutchinson_diagonal(A, 60, generator=gen(1))
+    ex, eh = (rx.estimate - d).norm(), (rh.estimate - d).norm()
+    assert float(ex) < 0.05 * float(eh)
+    z = (rx.estimate - d).abs() / rx.stderr
+    assert float((z <= 4).double().mean()) >= 0.97
+    # exact path when the budget covers n
+    re = xdiag(A[:20, :20], 40)
+    assert re.exact and torch.allclose(re.estimate, torch.diagonal(A[:20, :20]))
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn", [hutchinson_trace, hutchpp_trace, xtrace, hutchinson_diagonal])
+@pytest.mark.parametrize(
+    "fn", [hutchinson_trace, hutchpp_trace, xtrace, hutchinson_diagonal, xdiag]
+)
 def test_bad_input(fn):
     A = torch.eye(20, dtype=F64)
     with pytest.raises(ValueError, match="num_matvecs"):
@@ -280,7 +309,9 @@ def test_trace_bad_method():
         trace(torch.eye(3), method="exact")
 
 
-@pytest.mark.parametrize("fn", [hutchinson_trace, hutchpp_trace, xtrace, hutchinson_diagonal])
+@pytest.mark.parametrize(
+    "fn", [hutchinson_trace, hutchpp_trace, xtrace, hutchinson_diagonal, xdiag]
+)
 def test_non_finite_product_raises_with_partial(fn):
     A = spd(30, torch.linspace(1.0, 2.0, 30, dtype=F64))
     op = FlakyOperator(A, bad_call=2)

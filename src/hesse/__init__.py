@@ -21,7 +21,7 @@ from .operators import (
     aslinearoperator,
     hessian_of,
 )
-from .linalg.diagonal import DiagonalResult, exact_diagonal, hutchinson_diagonal
+from .linalg.diagonal import DiagonalResult, exact_diagonal, hutchinson_diagonal, xdiag
 from .linalg.solve import CGResult, cg_solve, minres_solve
 from .linalg.trace import TraceResult, hutchinson_trace, hutchpp_trace, trace, xtrace
 
@@ -54,6 +54,7 @@ __all__ = [
     "hutchpp_trace",
     "trace",
     "xtrace",
+    "xdiag",
 ]
 
 from .linalg import (  # noqa: E402

@@ -2,7 +2,7 @@
 
 __all__: list[str] = []
 
-from .diagonal import DiagonalResult, exact_diagonal, hutchinson_diagonal  # noqa: E402
+from .diagonal import DiagonalResult, exact_diagonal, hutchinson_diagonal, xdiag  # noqa: E402
 from .solve import CGResult, CGState, CGStatus, cg_solve, minres_solve  # noqa: E402
 from .trace import (  # noqa: E402
     TraceMethod,
@@ -28,6 +28,7 @@ __all__ += [
     "hutchpp_trace",
     "trace",
     "xtrace",
+    "xdiag",
 ]
 
 from .matrix_functions import matrix_inverse_root  # noqa: E402

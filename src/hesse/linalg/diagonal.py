@@ -2,6 +2,7 @@ r"""Diagonal of an operator: Hutchinson-type estimate with per-entry standard er
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,9 +11,9 @@ from torch import Tensor
 
 from .._checks import NonFiniteError, check_choice, check_int
 from ._probes import probes
-from .trace import DEFAULT_BLOCK_SIZE, _square_operator
+from .trace import DEFAULT_BLOCK_SIZE, _block_size, _matmat_blocked, _square_operator
 
-__all__ = ["DiagonalResult", "hutchinson_diagonal", "exact_diagonal"]
+__all__ = ["DiagonalResult", "hutchinson_diagonal", "exact_diagonal", "xdiag"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class DiagonalResult:
         estimate: ``(n,)``.
         stderr: ``(n,)`` per-entry standard errors (zeros when exact).
         num_matvecs: products with ``A`` used.
-        method: ``"hutchinson"`` or ``"exact"``.
+        method: ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
         exact: ``True`` for :func:`exact_diagonal`.
     """
 
@@ -162,3 +163,71 @@ def exact_diagonal(A: Any, *, block_size: int = DEFAULT_BLOCK_SIZE) -> DiagonalR
             )
         out[start:stop] = AE[idx, idx - start]
     return DiagonalResult(out, torch.zeros_like(out), n, "exact", True)
+
+
+def xdiag(
+    A: Any,
+    num_matvecs: int = 100,
+    *,
+    generator: torch.Generator | None = None,
+    probe: str = "rademacher",
+    block_size: int | None = None,
+) -> DiagonalResult:
+    r"""XDiag: exchangeable leave-one-out diagonal estimator (low-rank part exact + residual).
+
+    With ``m = num_matvecs // 2`` test vectors :math:`\Omega`, :math:`A\Omega = QR`, and the
+    projector :math:`P_{(i)} = Q (I - s_i s_i^\top) Q^\top` onto the range of
+    :math:`A\Omega` without column ``i`` (:math:`s_i` the normalised ``i``-th column of
+    :math:`R^{-\top}`),
+
+    .. math::
+
+        \widehat{\operatorname{diag}}(A) = \frac{1}{m} \sum_{i=1}^m \Big[
+        \operatorname{diag}(P_{(i)} A) + \omega_i \odot (I - P_{(i)}) A \omega_i \Big].
+
+    The first term is exact given :math:`P_{(i)}`; the second is the Hutchinson diagonal
+    estimator of the residual. Matrices with a dominant low-rank part (curvature matrices
+    usually have one) are estimated far more accurately than by :func:`hutchinson_diagonal`
+    for the same budget; a matrix of rank ``< m - 1`` is recovered exactly. ``stderr`` is the
+    per-entry standard error of the ``m`` leave-one-out estimates.
+
+    Cost: ``2 * (num_matvecs // 2)`` products (``A Omega`` and ``A^T Q``), in blocks; memory
+    ``O(n m)``. If ``m >= n`` the exact diagonal is returned (``n`` products).
+
+    Args:
+        A: square operator or dense tensor.
+        num_matvecs: total budget (>= 4).
+        generator: source of the test vectors.
+        probe: ``"rademacher"`` (default) or ``"gaussian"``.
+        block_size: columns per product (default ``min(m, 32)``).
+
+    Returns:
+        :class:`DiagonalResult` with ``method="xdiag"``.
+
+    References:
+        Epperly, Tropp & Webber (2024), XTrace: Making the most of every sample in stochastic
+        trace estimation. SIAM J. Matrix Anal. Appl. 45(1) (XDiag, section 4).
+    """
+    op = _square_operator(A)
+    if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs < 4:
+        raise ValueError(f"Invalid num_matvecs={num_matvecs}; xdiag needs at least 4.")
+    total = check_int(num_matvecs, "num_matvecs", minimum=4)
+    kind = check_choice(probe, "probe", ("rademacher", "gaussian"))
+    n = op.shape[0]
+    m = total // 2
+    bs = _block_size(block_size, m)
+    if m >= n:
+        return exact_diagonal(op, block_size=bs)
+    what = "operator product (A @ probes) during xdiag"
+    Om = probes(kind, n, m, op.dtype, op.device, generator)
+    Q, R = torch.linalg.qr(_matmat_blocked(op, Om, bs, what))
+    eye = torch.eye(m, dtype=R.dtype, device=R.device)
+    Rinv_T = torch.linalg.solve_triangular(R, eye, upper=True).T
+    S = Rinv_T / torch.linalg.vector_norm(Rinv_T, dim=0)
+    Z = _matmat_blocked(op.T, Q, bs, what)  # A^T Q
+    c = (S * R).sum(0)  # s_i^T R e_i; (I - P_i) A w_i = c_i Q s_i since A w_i = Q R e_i
+    QS, ZS = Q @ S, Z @ S
+    samples = (Q * Z).sum(1, keepdim=True) - QS * ZS + c * Om * QS  # (n, m)
+    est = samples.mean(1)
+    se = samples.std(1, unbiased=True) / math.sqrt(m)
+    return DiagonalResult(est, se, 2 * m, "xdiag")
