@@ -24,8 +24,13 @@ Exactness: for one sample and a ``Linear`` layer, ``A \\otimes G`` with ``fisher
 Kronecker, ``J = a^T \\otimes J_s``). For a batch, K-FAC replaces the mean of Kronecker
 products ``(1/N) \\sum_n (a_n a_n^T) \\otimes (g_n g_n^T)`` by the Kronecker product of means;
 the error is ``Cov_n(a a^T, g g^T)``-sized (zero when inputs and output gradients are
-uncorrelated across samples). Convolutions also assume spatially uncorrelated derivatives
-(Grosse & Martens 2016, "KFC"); blocks between layers are zero.
+uncorrelated across samples). Measured on the digits MLP 64-32-10 (tanh, cross-entropy,
+float64; ``python benchmarks/optimizers_kfac.py --factor-error``), relative Frobenius error
+of each layer's block against ``GGNOperator(...).block(layer)``: one sample ``~1e-14``; all
+1438 training samples at initialisation 0.32 (layer 0) and 0.13 (layer 2); after 300 Adam
+steps (confident predictions, so ``g`` and ``a`` correlate) 0.87 and 0.75. Convolutions also
+assume spatially uncorrelated derivatives (Grosse & Martens 2016, "KFC"); blocks between
+layers are zero.
 
 References:
     Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
