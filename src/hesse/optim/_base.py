@@ -45,15 +45,25 @@ class ParamVector:
         self.device = self.params[0].device
         self.numels = [p.numel() for p in self.params]
         self.n = sum(self.numels)
+        self.uniform = all(p.dtype == self.dtype and p.device == self.device for p in self.params)
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        if self.uniform:
+            return torch.cat([t.reshape(-1) for t in tensors])
         return torch.cat([t.reshape(-1).to(device=self.device, dtype=self.dtype) for t in tensors])
+
+    def versions(self) -> list[int]:
+        """In-place modification counters of the parameters (change when they are written)."""
+        return [p._version for p in self.params]
 
     def get(self) -> Tensor:
         return self.flatten([p.detach() for p in self.params])
 
     def set_(self, x: Tensor) -> None:
         with torch.no_grad():
+            if len(self.params) == 1:
+                self.params[0].copy_(x.view_as(self.params[0]))
+                return
             for p, chunk in zip(self.params, x.split(self.numels)):
                 p.copy_(chunk.view_as(p))
 
@@ -165,7 +175,8 @@ class SecondOrderOptimizer(Optimizer):
         st["func_evals"] += 1
         st["grad_evals"] += 1
         g = self._vec.flatten(ev.grads)
-        if not math.isfinite(ev.f) or not bool(torch.isfinite(g).all()):
+        # at trial points the callers test g through g^T d (NaN propagates), saving a sync
+        if not math.isfinite(ev.f) or (first and not bool(torch.isfinite(g).all())):
             if first:
                 from .._checks import NonFiniteError
 
@@ -176,12 +187,20 @@ class SecondOrderOptimizer(Optimizer):
             ev.f = math.inf
         return ev, g
 
-    def _phi(self, closure: Callable[[], Any], x0: Tensor, d: Tensor) -> Callable:
-        """Line function ``alpha -> (f, g, dphi)``; sets the parameters to ``x0 + alpha d``."""
+    def _phi(
+        self, closure: Callable[[], Any], x0: Tensor, d: Tensor, *, create_graph: bool = False
+    ) -> Callable:
+        """Line function ``alpha -> (f, g, dphi)``; sets the parameters to ``x0 + alpha d``.
+
+        The last trial is kept in ``self._last_trial = (alpha, evaluation, g)``: when the line
+        search accepts it, the parameters are already there (and, with ``create_graph``, its
+        graph can serve the next step).
+        """
 
         def phi(alpha: float) -> tuple[float, Tensor, float]:
             self._vec.set_(torch.add(x0, d, alpha=alpha))
-            ev, g = self._evaluate(closure)
+            ev, g = self._evaluate(closure, create_graph=create_graph)
+            self._last_trial = (alpha, ev, g)
             dphi = float(g.dot(d)) if math.isfinite(ev.f) else math.nan
             if not math.isfinite(dphi):
                 return math.inf, g, math.nan
@@ -196,11 +215,15 @@ class SecondOrderOptimizer(Optimizer):
         reused (the objective is assumed deterministic), otherwise the closure runs.
         """
         st = self._st
+        if "x" in st and getattr(self, "_versions", None) == self._vec.versions():
+            return st["x"], st["loss"], st["g"]  # untouched since we set them (fast path)
         x = self._vec.get()
         if "x" in st and st["x"].shape == x.shape and torch.equal(st["x"], x):
-            return x, st["loss"], st["g"]
+            self._versions = self._vec.versions()
+            return st["x"], st["loss"], st["g"]
         ev, g = self._evaluate(closure, first=True)
         st["x"], st["loss"], st["g"] = x, ev.loss.to(x.dtype), g
+        self._versions = self._vec.versions()
         return x, st["loss"], g
 
     def _accept(self, x: Tensor, loss: Tensor | float, g: Tensor) -> None:
@@ -208,6 +231,7 @@ class SecondOrderOptimizer(Optimizer):
         if not isinstance(loss, Tensor):
             loss = torch.tensor(loss, dtype=x.dtype, device=x.device)
         st["x"], st["loss"], st["g"] = x, loss.to(x.dtype).reshape(()), g
+        self._versions = self._vec.versions()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Tensor:  # type: ignore[override]

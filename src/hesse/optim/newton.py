@@ -238,10 +238,17 @@ class Newton(SecondOrderOptimizer):
     # -- iteration -------------------------------------------------------------------------
     def _iterate(self, closure: Callable[[], Any]) -> Tensor:
         st = self._st
-        ev, g = self._evaluate(closure, create_graph=True, first=True)
+        cache, self._graph_cache = getattr(self, "_graph_cache", None), None
+        if cache is not None and cache[0] == self._vec.versions():
+            _, ev, g = cache  # the accepted trial point of the last step, graph included
+            if not bool(torch.isfinite(g).all()):
+                ev, g = self._evaluate(closure, create_graph=True, first=True)
+        else:
+            ev, g = self._evaluate(closure, create_graph=True, first=True)
         x = self._vec.get()
         loss, f = ev.loss, ev.f
-        if float(g.abs().max()) <= self._hp("tolerance_grad"):
+        tol = self._hp("tolerance_grad")
+        if tol > 0 and float(g.abs().max()) <= tol:
             return loss
         op = GradHVPOperator(self._vec, ev.graph_grads or [])
         rule = self._hp("step_rule")
@@ -281,12 +288,15 @@ class Newton(SecondOrderOptimizer):
             dphi0 = float(g.dot(d))
         if rule == "fixed":
             self._vec.set_(torch.add(x, d, alpha=lr))
-            ev, _ = self._evaluate(closure)
+            ev, g_new = self._evaluate(closure, create_graph=True)
             if not math.isfinite(ev.f):
                 self._restart(x)
+            else:
+                self._keep_graph(ev, g_new)
             return
+        self._last_trial = None
         res = strong_wolfe(
-            self._phi(closure, x, d),
+            self._phi(closure, x, d, create_graph=True),
             f,
             dphi0,
             lr,
@@ -297,7 +307,16 @@ class Newton(SecondOrderOptimizer):
         if res.alpha == 0.0:
             self._restart(x)
             return
-        self._vec.set_(torch.add(x, d, alpha=res.alpha))
+        last = self._last_trial
+        self._last_trial = None
+        if last is not None and last[0] == res.alpha:
+            self._keep_graph(last[1], last[2])  # parameters are already at x + alpha d
+        else:
+            self._vec.set_(torch.add(x, d, alpha=res.alpha))
+
+    def _keep_graph(self, ev, g: Tensor) -> None:
+        """Reuse this evaluation (and its graph) at the start of the next step."""
+        self._graph_cache = (self._vec.versions(), ev, g)
 
     def _model_decrease(self, g: Tensor, p: Tensor, op: GradHVPOperator, H: Tensor | None):
         Hp = H @ p if H is not None else op.matvec(p)
@@ -318,10 +337,12 @@ class Newton(SecondOrderOptimizer):
             pred = self._model_decrease(g, p, op, None) - 0.5 * damping * float(p.dot(p))
         pnorm = float(p.norm())
         self._vec.set_(x + p)
-        ev, _ = self._evaluate(closure)
+        ev, g_new = self._evaluate(closure, create_graph=True)
         rho = (f - ev.f) / pred if pred > 0 and math.isfinite(ev.f) else -math.inf
         if not rho > self._hp("eta"):
             self._vec.set_(x)
+        else:
+            self._keep_graph(ev, g_new)
         st["radius"] = update_radius(radius, rho, pnorm, max_radius=self._hp("max_radius"))
 
     def _lm_step(self, closure, x, f, g, op, H, lam) -> None:
@@ -339,7 +360,7 @@ class Newton(SecondOrderOptimizer):
         p = p * scale
         pred = self._model_decrease(g, p, op, H)
         self._vec.set_(x + p)
-        ev, _ = self._evaluate(closure)
+        ev, g_new = self._evaluate(closure, create_graph=True)
         rho = (f - ev.f) / pred if pred > 0 and math.isfinite(ev.f) else -math.inf
         if rho < 0.25:
             lam *= 1.5
@@ -348,3 +369,5 @@ class Newton(SecondOrderOptimizer):
         st["lam"] = lam
         if not rho > 0:
             self._restart(x)
+        else:
+            self._keep_graph(ev, g_new)

@@ -70,14 +70,14 @@ class _LineSearchQuasiNewton(SecondOrderOptimizer):
 
     def _safeguard(self, s: Tensor, y: Tensor, Bs: Tensor | None) -> Tensor | None:
         """Return the ``y`` to use, or ``None`` to skip the update (``s^T y`` too small)."""
-        sy = float(s.dot(y))
+        sy, ss, yy = torch.stack([s.dot(y), s.dot(s), y.dot(y)]).tolist()  # one sync
         if self._hp("curvature_safeguard") == "damp" and Bs is not None:
             sBs = float(s.dot(Bs))
             if sBs > 0 and sy < 0.2 * sBs:  # Powell (1978) damping: s^T y_damped = 0.2 s^T B s
                 theta = 0.8 * sBs / (sBs - sy)
                 y = theta * y + (1.0 - theta) * Bs
-                sy = float(s.dot(y))
-        if not math.isfinite(sy) or sy <= 1e-10 * float(s.norm()) * float(y.norm()):
+                sy, yy = float(s.dot(y)), float(y.dot(y))
+        if not math.isfinite(sy) or not math.isfinite(yy) or sy <= 1e-10 * math.sqrt(ss * yy):
             self._st["skipped_updates"] = self._st.get("skipped_updates", 0) + 1
             return None
         return y
@@ -87,7 +87,7 @@ class _LineSearchQuasiNewton(SecondOrderOptimizer):
         x, loss, g = self._cached_point(closure)
         f = float(loss)
         tol = self._hp("tolerance_grad")
-        if float(g.abs().max()) <= tol:
+        if tol > 0 and float(g.abs().max()) <= tol:
             return loss
         scale = self._scale()
         vec_scale = isinstance(scale, Tensor)
@@ -95,12 +95,14 @@ class _LineSearchQuasiNewton(SecondOrderOptimizer):
         if vec_scale:
             d = d * scale
         dphi0 = float(g.dot(d))
+        if dphi0 == 0.0 and not bool(g.any()):  # stationary point: nothing to do
+            return loss
         if not math.isfinite(dphi0) or dphi0 >= 0:  # lost descent: restart from -g
             self._reset()
             st["restarts"] += 1
             d = -g * scale if vec_scale else -g
             dphi0 = float(g.dot(d))
-            if dphi0 >= 0:
+            if not dphi0 < 0:  # zero (stationary point) or non-finite gradient: nothing to do
                 return loss
         lr = 1.0 if vec_scale else scale
         if self._hp("line_search_fn") is None:
@@ -108,7 +110,7 @@ class _LineSearchQuasiNewton(SecondOrderOptimizer):
             x_new = torch.add(x, d, alpha=t)
             self._vec.set_(x_new)
             ev, g_new = self._evaluate(closure)
-            if not math.isfinite(ev.f):
+            if not math.isfinite(ev.f) or not bool(torch.isfinite(g_new).all()):
                 self._vec.set_(x)
                 self._reset()
                 st["restarts"] += 1
@@ -139,7 +141,10 @@ class _LineSearchQuasiNewton(SecondOrderOptimizer):
                 return loss
             t = res.alpha
             x_new = torch.add(x, d, alpha=t)
-            self._vec.set_(x_new)
+            last = getattr(self, "_last_trial", None)
+            if last is None or last[0] != t:  # else the parameters are already at x_new
+                self._vec.set_(x_new)
+            self._last_trial = None
             f_new, g_new = res.f, res.g
         s = x_new - x
         y = g_new - g
@@ -381,13 +386,13 @@ class LBFGS(_LineSearchQuasiNewton):
         alphas = []
         for s, y, rho in zip(reversed(S), reversed(Y), reversed(R)):
             a = rho * s.dot(q)
-            q.sub_(y * a)
+            q.addcmul_(y, a, value=-1.0)
             alphas.append(a)
-        r = q * st["gamma"]
+        r = q.mul_(st["gamma"])
         for s, y, rho, a in zip(S, Y, R, reversed(alphas)):
             b = rho * y.dot(r)
-            r.add_(s * (a - b))
-        return -r
+            r.addcmul_(s, a - b)
+        return r.neg_()
 
     def _update(self, s: Tensor, y: Tensor, Bs: Tensor | None) -> None:
         st = self._st
@@ -535,7 +540,7 @@ class SR1(SecondOrderOptimizer):
         x_new = x + p
         self._vec.set_(x_new)
         ev, g_new = self._evaluate(closure)
-        if not math.isfinite(ev.f):
+        if not math.isfinite(ev.f) or not bool(torch.isfinite(g_new).all()):
             self._vec.set_(x)
             st["radius"] = 0.25 * min(radius, pnorm)
             st["restarts"] += 1
