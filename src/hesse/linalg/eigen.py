@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -68,8 +69,31 @@ def _keep(j: int, which: str, p: int) -> list[int]:
     return sorted(set(range(lo)) | set(range(j - (p - lo), j)))
 
 
+@dataclass
+class _Ritz:
+    theta: Tensor
+    S: Tensor
+    want: list[int]
+    r: Tensor
+    bound: Tensor
+    conv: Tensor
+    converged: bool
+    Y: Tensor | None
+    Rw: Tensor | None
+    count: int
+    restarts: int
+
+
 class _ThickRestartLanczos:
-    """State and steps of the solver (kept on an object so a run can be checkpointed)."""
+    """State and steps of the solver (kept on an object so a run can be checkpointed).
+
+    The basis is stored row-wise (``V[i]`` is a contiguous basis vector), with the products
+    ``AV[i] = A V[i]`` and the projection ``H = V A V^T`` (float64). While the basis is a
+    Krylov basis (also after thick restarts) the Ritz residuals follow from the Lanczos
+    relation ``A V^T = V^T H + R E^T``: ``||r_i|| = ||B s_i[last block]||`` with ``B`` the
+    triangular factor of the orthogonalised last product, at no cost in ``n``. The residuals
+    of the returned pairs are recomputed explicitly from ``AV`` before stopping.
+    """
 
     def __init__(
         self,
@@ -91,63 +115,79 @@ class _ThickRestartLanczos:
         n = op.shape[0]
         self.n = n
         cap = min(n, max_basis + max(block_size, Q0.shape[1]))
-        self.V = torch.zeros(n, cap, dtype=basis_dtype, device=op.device)
-        self.AV = torch.zeros(n, cap, dtype=basis_dtype, device=op.device)
+        # rows beyond j are scratch, written before they are read
+        self.V = torch.empty(cap, n, dtype=basis_dtype, device=op.device)
+        self.AV = torch.empty(cap, n, dtype=basis_dtype, device=op.device)
         self.H = torch.zeros(cap, cap, dtype=torch.float64, device=op.device)
         self.j = 0
-        self.Q = Q0.to(basis_dtype)
+        self.Q = Q0.to(basis_dtype)  # (n, b) next block
         self.count = 0
         self.restarts = 0
+        # a first block of another size (block warm start) breaks the Lanczos relation
+        self.krylov = Q0.shape[1] == block_size
         self.eps = torch.finfo(op.dtype).eps
-        self.last: EigenResult | None = None
+        self.last: _Ritz | None = None
         self.kw = k if which != "both_ends" else 2 * k
 
     # -- Rayleigh-Ritz ------------------------------------------------------------------
-    def ritz(self) -> tuple[EigenResult, Tensor, Tensor]:
-        """Ritz pairs of the current basis; returns (result, all theta, eigvecs of H)."""
+    def ritz(self, est: Tensor | None = None) -> _Ritz:
+        """Ritz pairs of the current basis (eigenvectors are formed only when asked for).
+
+        Args:
+            est: residual norms of all ``j`` Ritz pairs from the Lanczos relation (ordered
+                like the ascending Ritz values); ``None`` computes the wanted (and
+                neighbouring) ones explicitly from the stored products.
+        """
         j = self.j
         theta, S = torch.linalg.eigh(self.H[:j, :j])
         want, nb = _wanted(theta, self.which, self.k)
-        sel = want + nb
-        Ssel = S[:, sel].to(self.bdtype)
-        Y = self.V[:, :j] @ Ssel
-        AY = self.AV[:, :j] @ Ssel
-        th = theta[sel].to(self.bdtype)
-        res = (AY - Y * th).norm(dim=0).to(torch.float64)
-        res_of = dict(zip(sel, res.tolist()))
-        th_list = theta.tolist()
-        normest = max(abs(th_list[0]), abs(th_list[-1]))
-        floor = 50 * self.eps * normest
-        err, conv = [], []
-        for i in want:
-            r = res_of[i]
-            others = [abs(th_list[i] - th_list[lidx]) for lidx in range(j) if lidx != i]
-            gap = min(others) if others else 0.0
-            e = min(r, r * r / gap) if gap > 0 else r
-            if self.criterion == "residual":
-                e_test = r
-            else:
-                e_test = e
-            err.append(e)
-            conv.append(e_test <= max(self.tol * abs(th_list[i]), floor))
         nw = len(want)
-        vecs = Y[:, :nw].to(self.op.dtype)
-        result = EigenResult(
-            eigenvalues=theta[want].to(self.op.dtype),
-            eigenvectors=vecs,
-            residual_norms=res[:nw].to(self.op.dtype),
-            error_bounds=torch.tensor(err, dtype=self.op.dtype, device=self.op.device),
-            num_matvecs=self.count,
-            converged=bool(all(conv)) and nw == self.kw,
+        Y = Rw = None
+        if est is None:
+            sel = want + nb
+            Ssel = S[:, sel].to(self.bdtype)
+            Ysel = Ssel.T @ self.V[:j]
+            Rv = Ssel.T @ self.AV[:j] - theta[sel].to(self.bdtype).unsqueeze(1) * Ysel
+            res_all = torch.zeros(j, dtype=torch.float64, device=theta.device)
+            res_all[sel] = Rv.norm(dim=1).to(torch.float64)
+            Y, Rw = Ysel[:nw], Rv[:nw]
+        else:
+            res_all = est
+        # eigenvalue error bound min(r, r^2 / gap), gap to the nearest other Ritz value
+        th = theta[want]
+        dist = (th.unsqueeze(1) - theta.unsqueeze(0)).abs()
+        dist[torch.arange(nw), torch.tensor(want, dtype=torch.long)] = float("inf")
+        gap = dist.min(1).values if j > 1 else torch.full_like(th, float("inf"))
+        r = res_all[want]
+        bound = torch.where(torch.isfinite(gap) & (gap > 0), torch.minimum(r, r * r / gap), r)
+        test = r if self.criterion == "residual" else bound
+        normest = float(theta.abs().max())
+        thresh = torch.clamp(self.tol * th.abs(), min=50 * self.eps * normest)
+        conv = test <= thresh
+        converged = bool(conv.all()) and nw == self.kw
+        return _Ritz(theta, S, want, r, bound, conv, converged, Y, Rw, self.count, self.restarts)
+
+    def result(self, rz: _Ritz | None = None) -> EigenResult | None:
+        """The :class:`EigenResult` of a Ritz record (default the latest)."""
+        rz = self.last if rz is None else rz
+        if rz is None:
+            return None
+        Y = rz.Y
+        if Y is None:
+            Y = rz.S[:, rz.want].to(self.bdtype).T @ self.V[: rz.S.shape[0]]
+        return EigenResult(
+            eigenvalues=rz.theta[rz.want].to(self.op.dtype),
+            eigenvectors=Y.T.to(self.op.dtype),
+            residual_norms=rz.r.to(self.op.dtype),
+            error_bounds=rz.bound.to(self.op.dtype),
+            num_matvecs=rz.count,
+            converged=rz.converged,
             which=self.which,
             tol=self.tol,
             criterion=self.criterion,
-            num_restarts=self.restarts,
-            converged_mask=torch.tensor(conv, dtype=torch.bool),
+            num_restarts=rz.restarts,
+            converged_mask=rz.conv.cpu(),
         )
-        # residual vectors of the wanted pairs, for a non-Krylov continuation
-        self._wanted_res = (AY - Y * th)[:, :nw]
-        return result, theta, S
 
     # -- one expansion step ---------------------------------------------------------------
     def step(self) -> bool:
@@ -156,51 +196,61 @@ class _ThickRestartLanczos:
         bq = Q.shape[1]
         W = self.op.matmat(Q.to(self.op.dtype))
         self.count += bq
-        check_finite(W, f"the operator product after {self.count} matvecs", self.last)
+        W_b = W.to(self.bdtype)
+        j = self.j
+        self.V[j : j + bq] = Q.T
+        h = (self.V[: j + bq] @ W_b).to(torch.float64)
+        if not bool(torch.isfinite(h).all()):  # NaN/inf in W always reach h = V W
+            check_finite(W, f"the operator product after {self.count} matvecs", self.result())
         self._dirty = True  # the state is inconsistent until this step has finished
         try:
-            return self._extend(Q, W)
+            return self._extend(Q, W_b, h)
         finally:
             self._dirty = False
 
-    def _extend(self, Q: Tensor, W: Tensor) -> bool:
+    def _extend(self, Q: Tensor, W_b: Tensor, h: Tensor) -> bool:
         bq = Q.shape[1]
         j = self.j
-        W_b = W.to(self.bdtype)
-        self.V[:, j : j + bq] = Q
-        self.AV[:, j : j + bq] = W_b
-        Vj = self.V[:, : j + bq]
-        h = (Vj.T @ W_b).to(torch.float64)
+        self.AV[j : j + bq] = W_b.T
         self.H[: j + bq, j : j + bq] = h
         self.H[j : j + bq, : j + bq] = h.T
         blk = self.H[j : j + bq, j : j + bq]
         self.H[j : j + bq, j : j + bq] = 0.5 * (blk + blk.T)
         self.j = j = j + bq
-        result, theta, S = self.ritz()
-        self.last = result
-        if result.converged or self.j >= self.n:
+        Vt = self.V[:j].T  # (n, j) view
+        room = min(self.b, self.n - j)
+        if self.krylov:
+            # the Lanczos continuation and, from its triangular factor, all Ritz residuals
+            R = W_b - Vt @ h.to(self.bdtype)
+            Qn, _ = orthonormalize(R[:, :room], Vt, self.g, refs=W_b.norm(dim=0)[:room], passes=1)
+            B = (Qn.T @ R).to(torch.float64) if Qn.shape[1] else h.new_zeros(0, bq)
+            theta, S = torch.linalg.eigh(self.H[:j, :j])
+            est = (B @ S[j - bq :, :]).norm(dim=0)
+            rz = self.ritz(est)
+            if rz.converged or j >= self.n:
+                # confirm with explicit residuals (recomputed from the stored products)
+                rz = self.ritz(None)
+        else:
+            rz = self.ritz(None)
+            if not (rz.converged or j >= self.n):
+                # first block of another size (block warm start): continue from the residuals
+                # of the wanted Ritz pairs (unconverged first); they span the next directions
+                mask = rz.conv.cpu()
+                order = [i for i in range(mask.numel()) if not bool(mask[i])] + [
+                    i for i in range(mask.numel()) if bool(mask[i])
+                ]
+                R = rz.Rw[order[: self.b]].T
+                if R.shape[1] < self.b:
+                    more = random_block(self.n, self.b - R.shape[1], self.bdtype, R.device, self.g)
+                    R = torch.cat([R, more], 1)
+                Qn, _ = orthonormalize(R[:, :room], Vt, self.g)
+        self.last = rz
+        if rz.converged or j >= self.n or Qn.shape[1] == 0:
             return True
-        # next block: the Lanczos continuation (orthogonalised A Q)
-        if bq == self.b:
-            R = W_b - Vj @ h.to(self.bdtype)
-            refs = W_b.norm(dim=0)
-        else:  # first block of a different size (a block warm start): continue from the
-            # residuals of the wanted Ritz pairs (they span the next Krylov directions)
-            mask = result.converged_mask
-            order = [i for i in range(mask.numel()) if not bool(mask[i])] + [
-                i for i in range(mask.numel()) if bool(mask[i])
-            ]
-            R = self._wanted_res[:, order[: self.b]]
-            if R.shape[1] < self.b:
-                extra = random_block(self.n, self.b - R.shape[1], self.bdtype, R.device, self.g)
-                R = torch.cat([R, extra], 1)
-            refs = None
-        room = min(self.b, self.n - self.j)
-        Qn, _ = orthonormalize(R[:, :room], Vj, self.g, refs=None if refs is None else refs[:room])
-        if Qn.shape[1] == 0:
-            return True
-        if self.j + Qn.shape[1] > self.m:
-            self.restart(theta, S)
+        if j + Qn.shape[1] > self.m:
+            if rz.Y is None:  # the restart overwrites the basis the record refers to
+                rz.Y = rz.S[:, rz.want].to(self.bdtype).T @ self.V[:j]
+            self.restart(rz.theta, rz.S)
         self.Q = Qn
         return False
 
@@ -211,11 +261,11 @@ class _ThickRestartLanczos:
         p = max(kw, min(p, self.m - b))
         keep = _keep(j, self.which, p)
         Sk = S[:, keep].to(self.bdtype)
-        Y = self.V[:, :j] @ Sk
-        AY = self.AV[:, :j] @ Sk
+        Y = Sk.T @ self.V[:j]
+        AY = Sk.T @ self.AV[:j]
         pk = len(keep)
-        self.V[:, :pk] = Y
-        self.AV[:, :pk] = AY
+        self.V[:pk] = Y
+        self.AV[:pk] = AY
         self.H.zero_()
         self.H[:pk, :pk] = torch.diag(theta[keep])
         self.j = pk
@@ -226,10 +276,11 @@ class _ThickRestartLanczos:
         j = self.j
         return {
             "j": j,
-            "V": self.V[:, :j].clone(),
-            "AV": self.AV[:, :j].clone(),
+            "V": self.V[:j].clone(),
+            "AV": self.AV[:j].clone(),
             "H": self.H[:j, :j].clone(),
             "Q": self.Q.clone(),
+            "krylov": self.krylov,
             "count": self.count,
             "restarts": self.restarts,
             "rng": self.g.get_state(),
@@ -239,15 +290,16 @@ class _ThickRestartLanczos:
         j = int(state["j"])
         dev = self.op.device
         self.j = j
-        self.V[:, :j] = state["V"].to(dev)
-        self.AV[:, :j] = state["AV"].to(dev)
+        self.V[:j] = state["V"].to(dev)
+        self.AV[:j] = state["AV"].to(dev)
         self.H[:j, :j] = state["H"].to(dev)
         self.Q = state["Q"].to(dev)
+        self.krylov = bool(state["krylov"])
         self.count = int(state["count"])
         self.restarts = int(state["restarts"])
         self.g.set_state(state["rng"])
         if j > 0:
-            self.last = self.ritz()[0]
+            self.last = self.ritz()
 
     def run(
         self, checkpoint: Any = None, every: int = 50, config: dict | None = None
@@ -273,8 +325,9 @@ class _ThickRestartLanczos:
             ) from None
         if checkpoint is not None:
             remove_state(checkpoint)
-        assert self.last is not None
-        return self.last
+        out = self.result()
+        assert out is not None
+        return out
 
 
 def top_eigenpairs(

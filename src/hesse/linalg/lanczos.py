@@ -64,10 +64,12 @@ def orthonormalize(
     *,
     drop_tol: float | None = None,
     refs: Tensor | None = None,
+    passes: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """Orthonormalise the columns of ``R`` against ``V`` (orthonormal) and each other.
 
-    Classical Gram-Schmidt twice ("twice is enough") per column. A column whose norm falls
+    Classical Gram-Schmidt ``passes`` times (default twice: "twice is enough"; one when
+    ``R`` was projected once already) per column. A column whose norm falls
     below ``drop_tol`` times its reference norm (``refs``, default its own input norm) is
     numerically in the span already; it is replaced by a random direction orthogonal to
     everything kept (if room remains), so a breakdown never stalls the process.
@@ -91,7 +93,7 @@ def orthonormalize(
             break
         x = R[:, c]
         for attempt in range(3):
-            for _ in range(2):
+            for _ in range(passes if attempt == 0 else 2):
                 if basis is not None:
                     x = x - basis @ (basis.T @ x)
                 if cols:
