@@ -298,3 +298,48 @@ def test_preconditioned_sharpness_for_rmsprop_and_auto_fallback():
     with pytest.raises(ValueError, match="common learning rate"):
         t3 = SharpnessTracker(net, loss_fn, (X, y), every=1, optimizer=opt2, preconditioned=True)
         t3.step()
+
+
+def test_lightning_callback_with_a_stub_module(monkeypatch):
+    import sys
+    import types
+
+    class Callback:  # the only thing the callback needs from Lightning
+        pass
+
+    pkg, sub = types.ModuleType("lightning"), types.ModuleType("lightning.pytorch")
+    sub.Callback = Callback
+    pkg.pytorch = sub
+    monkeypatch.setitem(sys.modules, "lightning", pkg)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", sub)
+    model, loss_fn, data = _mlp()
+    tr = SharpnessTracker(model, loss_fn, data, every=2, lr=0.1)
+    cb = tr.lightning_callback()
+    assert isinstance(cb, Callback)
+
+    class Module:
+        def __init__(self):
+            self.logged = {}
+
+        def log(self, k, v):
+            self.logged[k] = v
+
+    m = Module()
+    cb.on_train_batch_end(None, m, None, None, 0)
+    assert tr.num_steps == 1 and not m.logged  # no check on step 1 (every=2)
+    cb.on_train_batch_end(None, m, None, None, 1)
+    assert m.logged["sharpness/lambda_max"] == tr.history[0].lambda_max
+    assert m.logged["sharpness/ratio"] == tr.history[0].ratio
+
+
+def test_log_dir_without_tensorboard_warns(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    model, loss_fn, data = _mlp()
+    with pytest.warns(UserWarning, match="tensorboard is not installed"):
+        tr = SharpnessTracker(model, loss_fn, data, every=1, lr=0.1, log_dir=tmp_path / "tb")
+    assert tr.writer is None and tr.step() is not None
