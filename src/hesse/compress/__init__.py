@@ -2,6 +2,16 @@
 
 Saliencies (:mod:`hesse.compress.saliency`) are computed apart from any mutation; :func:`prune`
 and :func:`quantize` then change the model in place.
+
+Example:
+    >>> from hesse.data import default_workload
+    >>> w = default_workload(widths=(64, 128, 10), activation="relu")   # doctest: +SKIP
+    >>> masks = prune(w.model, w.loss_fn, w.train, 0.7, method="obs")   # doctest: +SKIP
+    >>> sens = layer_sensitivity(w.model, w.loss_fn, w.train, bits=(2, 4, 8))  # doctest: +SKIP
+    >>> alloc = allocate_bits(sens, average_bits=4.0)                    # doctest: +SKIP
+    >>> quantize(w.model, w.train, alloc.bits, method="obs").layer_error  # doctest: +SKIP
+
+On the command line: ``hesse compress --out DIR`` (see :func:`compression_report`).
 """
 
 from ._layers import WeightRef, compressible_weights
