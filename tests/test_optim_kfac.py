@@ -168,6 +168,17 @@ def test_operator_conformance_and_inverse():
     assert rel(Kinv, torch.linalg.inv(D + lam * torch.eye(n, dtype=DT))) < 1e-10
 
 
+@pytest.mark.parametrize(
+    "k, d, p, s", [((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 2), (2, 1), (0, 2), (2, 3))]
+)
+def test_conv_patches_match_unfold(k, d, p, s):
+    from hesse.operators.kfac import conv_patches
+
+    x = torch.randn(3, 2, 9, 11, generator=_gen(16), dtype=DT)
+    cols = torch.nn.functional.unfold(x, k, d, p, s)
+    assert torch.equal(conv_patches(x, k, d, p, s), cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+
+
 def test_conv_model_operator_runs_and_is_psd():
     g = _gen(8)
     torch.manual_seed(0)
@@ -419,3 +430,35 @@ def test_kfac_rejects_non_likelihood_loss():
     model, _, _, _ = _problem()
     with pytest.raises(NotImplementedError, match="likelihood"):
         KFAC(model, nn.L1Loss())
+
+
+def test_kfac_trains_cnn_and_embedding_models_in_float32():
+    g = _gen(15)
+    torch.manual_seed(0)
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3),
+    )
+    X = torch.randn(48, 1, 8, 8, generator=g)
+    y = (X[:, 0, :4].mean((1, 2)) > 0).long() + (X[:, 0, 4:].mean((1, 2)) > 0).long()
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    T = torch.randint(0, 10, (48, 3), generator=g)
+    yt = T[:, 0] % 3
+    for model, inputs, targets in [(cnn, X, y), (emb, T, yt)]:
+        loss_fn = nn.CrossEntropyLoss()
+        opt = KFAC(
+            model,
+            loss_fn,
+            lr=0.3,
+            momentum=0.5,
+            damping=1e-2,
+            inverse_update_interval=2,
+            generator=_gen(0),
+        )
+        losses = _run(opt, model, loss_fn, inputs, targets, 25)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert min(losses) < 0.5 * losses[0]

@@ -84,6 +84,30 @@ def _unsupported_reason(m: nn.Module) -> str | None:
     return "no Kronecker factorisation known for this layer type"
 
 
+def conv_patches(
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int],
+    stride: tuple[int, int],
+) -> Tensor:
+    """Input patches of a 2-D convolution as rows ``(B * T, C * kh * kw)``.
+
+    The same rows (and column order ``c, i, j``) as ``F.unfold(...).transpose(1, 2)``, built
+    from strided views (``Tensor.unfold``): ``F.unfold`` is multi-threaded and can be
+    hundreds of times slower on a loaded machine.
+    """
+    kh, kw = kernel_size
+    dh, dw = dilation
+    sh, sw = stride
+    if padding[0] or padding[1]:
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    p = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    p = p[..., ::dh, ::dw]  # (B, C, H', W', kh, kw)
+    B, C, Ho, Wo = p.shape[:4]
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(B * Ho * Wo, C * kh * kw)
+
+
 class KFACLayer:
     """One ``Linear``/``Conv2d``/``Embedding`` layer: its factor statistics and reshapes.
 
@@ -135,8 +159,7 @@ class KFACLayer:
             m = self.module
             if x.ndim == 3:
                 x = x.unsqueeze(0)
-            cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, D, T)
-            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            rows = conv_patches(x, m.kernel_size, m.dilation, m.padding, m.stride)
         else:
             rows = x.reshape(-1, x.shape[-1])
         if self.bias is not None:
