@@ -84,7 +84,7 @@ def test_warm_start_reduces_matvecs_on_a_network():
     tr = SharpnessTracker(
         model, loss_fn, data, every=2, optimizer=opt, generator=torch.Generator().manual_seed(0)
     )
-    _train(model, loss_fn, data, opt, tr, 30)
+    _train(model, loss_fn, data, opt, tr, 20)
     first, later = tr.history[0].num_matvecs, [r.num_matvecs for r in tr.history[1:]]
     assert tr.mean_matvecs_after_first() <= 5.0
     assert max(later) < first
