@@ -130,16 +130,17 @@ class _ThickRestartLanczos:
         self.kw = k if which != "both_ends" else 2 * k
 
     # -- Rayleigh-Ritz ------------------------------------------------------------------
-    def ritz(self, est: Tensor | None = None) -> _Ritz:
+    def ritz(self, est: Tensor | None = None, eig: tuple[Tensor, Tensor] | None = None) -> _Ritz:
         """Ritz pairs of the current basis (eigenvectors are formed only when asked for).
 
         Args:
             est: residual norms of all ``j`` Ritz pairs from the Lanczos relation (ordered
                 like the ascending Ritz values); ``None`` computes the wanted (and
                 neighbouring) ones explicitly from the stored products.
+            eig: ``eigh`` of the projected matrix if already computed.
         """
         j = self.j
-        theta, S = torch.linalg.eigh(self.H[:j, :j])
+        theta, S = torch.linalg.eigh(self.H[:j, :j]) if eig is None else eig
         want, nb = _wanted(theta, self.which, self.k)
         nw = len(want)
         Y = Rw = None
@@ -226,10 +227,10 @@ class _ThickRestartLanczos:
             B = (Qn.T @ R).to(torch.float64) if Qn.shape[1] else h.new_zeros(0, bq)
             theta, S = torch.linalg.eigh(self.H[:j, :j])
             est = (B @ S[j - bq :, :]).norm(dim=0)
-            rz = self.ritz(est)
+            rz = self.ritz(est, (theta, S))
             if rz.converged or j >= self.n:
                 # confirm with explicit residuals (recomputed from the stored products)
-                rz = self.ritz(None)
+                rz = self.ritz(None, (theta, S))
         else:
             rz = self.ritz(None)
             if not (rz.converged or j >= self.n):

@@ -83,6 +83,15 @@ def orthonormalize(
     dtype = R.dtype
     if drop_tol is None:
         drop_tol = 100 * torch.finfo(dtype).eps
+    if k == 1 and V is not None and 0 < V.shape[1] < n - 1:
+        # fast path of a single vector (Lanczos): no Python loop unless it breaks down
+        x = R[:, 0]
+        for _ in range(passes):
+            x = x - V @ (V.T @ x)
+        nx = x.norm()
+        ref0 = R[:, 0].norm() if refs is None else refs[0]
+        if bool(nx > drop_tol * ref0.clamp_min(torch.finfo(dtype).tiny)):
+            return (x / nx).unsqueeze(1), nx.reshape(1)
     ref = R.norm(dim=0) if refs is None else refs
     basis = V if V is not None and V.shape[1] > 0 else None
     cols: list[Tensor] = []
