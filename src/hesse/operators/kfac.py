@@ -425,11 +425,12 @@ class KFACOperator(CurvatureOperator):
             ``reduction``, ... as in :class:`hesse.Objective`.
 
     Example:
-        >>> model = nn.Linear(3, 2).double()
+        >>> import hesse
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         >>> X, y = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
-        >>> K = KFACOperator(model, nn.MSELoss(), (X, y)).to_dense()
-        >>> G = hesse.GGNOperator(model, nn.MSELoss(), (X, y)).to_dense()
-        >>> torch.allclose(K, G)  # one sample, one Linear layer: exact
+        >>> K = KFACOperator(model, nn.MSELoss(), (X, y)).block("0").to_dense()
+        >>> G = hesse.GGNOperator(model, nn.MSELoss(), (X, y)).block("0").to_dense()
+        >>> torch.allclose(K, G)  # one sample: each layer's block is exact
         True
     """
 

@@ -94,6 +94,15 @@ class CurvatureLR:
 
     Attributes:
         history: list of ``(step, [lambda_max per group], [lr per group])``.
+
+    Example:
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> X = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.zeros(2, 1, dtype=torch.float64)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        >>> sched = CurvatureLR(opt, model, nn.MSELoss(), (X, y), c=0.5, tol=1e-8)
+        >>> round(opt.param_groups[0]["lr"], 6)  # H = X^T X = diag(9, 1): lr = 1 / 9
+        0.111111
     """
 
     def __init__(

@@ -368,8 +368,14 @@ class KFAC(Optimizer):
             ``generator`` as in :class:`KFACPreconditioner`.
 
     Example:
-        >>> opt = KFAC(model, nn.CrossEntropyLoss(), lr=0.1)
-        >>> loss = opt.loss_fn(model(X), y); loss.backward(); opt.step()
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()
+        >>> opt = KFAC(model, loss_fn, lr=0.1, generator=torch.Generator().manual_seed(0))
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     loss_fn(model(X), y).backward()
+        ...     opt.step()
     """
 
     def __init__(

@@ -58,6 +58,20 @@ class NaturalGradient(Optimizer):
     Attributes:
         last_solve: the :class:`~hesse.linalg.solve.CGResult` of the last CG step.
 
+    Example:
+        >>> model = nn.Linear(3, 1).double()
+        >>> X = torch.randn(20, 3, dtype=torch.float64)
+        >>> y = X @ torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+        >>> opt = NaturalGradient(model, nn.MSELoss(), lr=1.0, damping=1e-12, tol=1e-12)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = opt.loss_fn(model(X), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> _ = opt.step(closure)  # linear least squares: one Gauss-Newton step solves it
+        >>> torch.allclose(model.weight, torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))
+        True
+
     References:
         Amari, "Natural gradient works efficiently in learning", Neural Computation 1998.
         Martens, "New insights and perspectives on the natural gradient method", JMLR 2020.

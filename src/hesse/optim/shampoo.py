@@ -71,6 +71,14 @@ class Shampoo(Optimizer):
             dimension instead of the paper's ``2k`` (``q=2`` is the one-sided-square-root
             variant of Morwani et al. 2024; default ``None``: ``2k``).
 
+    Example:
+        >>> W = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+        >>> opt = Shampoo([W], lr=1.0, momentum=0.0, grafting="none", epsilon=1e-12)
+        >>> W.grad = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+        >>> _ = opt.step()  # L = G G^T, R = G^T G: step = L^{-1/4} G R^{-1/4} = e_1 e_1^T
+        >>> torch.allclose(W[0, 0], torch.tensor(-1.0, dtype=torch.float64))
+        True
+
     References:
         Gupta, Koren & Singer, "Shampoo: Preconditioned stochastic tensor optimization",
         ICML 2018. Anil et al., "Scalable second order optimization for deep learning", 2020.
