@@ -462,3 +462,18 @@ def test_kfac_trains_cnn_and_embedding_models_in_float32():
         losses = _run(opt, model, loss_fn, inputs, targets, 25)
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert min(losses) < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("fisher", ["exact", "empirical"])
+def test_preconditioner_factors_equal_operator_factors(fisher):
+    g = _gen(17)
+    model = _mlp()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    X, y = torch.randn(7, 4, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
+    pre = KFACPreconditioner(model, loss_fn, fisher=fisher)
+    loss_fn(model(X), y).backward()
+    pre.step()
+    ref = KFACOperator(model, loss_fn, (X, y), fisher=fisher).factors
+    for layer, (A, G) in zip(pre.layers, pre.factors):
+        assert rel(A, ref[layer.name][0]) < 1e-12
+        assert rel(G, ref[layer.name][1]) < 1e-12
