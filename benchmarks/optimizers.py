@@ -326,7 +326,7 @@ def section_digits(out, adam_steps=500, max_iters=500):
             f"{sec / adam_sec:.2f} |",
             flush=True,
         )
-        rows.append(dict(method=name, iterations=it, reached=reached, seconds=sec, **c))
+        rows.append(dict(method=name, steps=it, reached=reached, seconds=sec, **c))
     # torch LBFGS: one iteration per step call (max_iter=1); it re-evaluates at each call
     m = fresh()
     opt = torch.optim.LBFGS(
@@ -348,9 +348,8 @@ def section_digits(out, adam_steps=500, max_iters=500):
             cur = float(loss_fn(m(X), y))
     sec = time.perf_counter() - t
     fe = opt.state[opt._params[0]]["func_evals"]
-    print(
-        f"| torch.optim.LBFGS(strong_wolfe) | {it} | {fe} | 0 | {sec:.2f} s | {sec / adam_sec:.2f} |"
-    )
+    name = "torch.optim.LBFGS(strong_wolfe)"
+    print(f"| {name} | {it} | {fe} | 0 | {sec:.2f} s | {sec / adam_sec:.2f} |")
     rows.append(dict(method="torch LBFGS", iterations=it, func_evals=fe, seconds=sec))
     out["digits"] = dict(target=target, adam_lr=lr, rows=rows)
 

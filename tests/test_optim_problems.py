@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hesse.optim import BFGS, LBFGS, SR1, Newton
+from hesse.optim import BFGS, DFP, LBFGS, SR1, Newton
 from hesse.testing import get_problem, himmelblau, mgh_problems, minimize, rosenbrock
 
 D = torch.float64
@@ -123,7 +123,13 @@ SWEEP = [
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method, cls, kwargs",
-    [("BFGS", BFGS, {}), ("LBFGS", LBFGS, {}), ("SR1", SR1, {}), ("Newton", Newton, {})],
+    [
+        ("BFGS", BFGS, {}),
+        ("LBFGS", LBFGS, {}),
+        ("DFP", DFP, {}),
+        ("SR1", SR1, {}),
+        ("Newton", Newton, {}),
+    ],
 )
 def test_mgh_sweep(method, cls, kwargs):
     """Every method reaches the published f* (or a published local minimum) on the MGH set."""

@@ -67,9 +67,9 @@ class Newton(SecondOrderOptimizer):
             (default 1.0 there, else 0.0).
         saddle_free: use ``|H|`` (exact) or follow negative curvature (CG).
         max_dense_dim: largest ``n`` for the exact mode under ``"auto"``.
-        cg_tol: CG relative residual tolerance; default ``min(0.5, sqrt(||g||)) `` (forcing
-            sequence of scipy's Newton-CG: superlinear convergence).
-        cg_max_iters: CG iteration budget (default ``min(n, 250)``... ``None``: ``10 n``).
+        cg_tol: CG relative residual tolerance; default ``min(0.5, sqrt(||g||))`` (the forcing
+            sequence of scipy's Newton-CG, for superlinear convergence).
+        cg_max_iters: CG iteration budget per step (default ``10 n``, the solver's default).
         c1, c2, max_evals: strong Wolfe constants and budget (line search).
         max_radius, eta: trust-region cap and acceptance threshold.
         tolerance_grad: the step does nothing once ``max|g| <= tolerance_grad``.

@@ -255,15 +255,15 @@ class BFGS(_DenseInverseQN):
         H = st.get("H")
         if H is None:
             H = self._initial_H(s, y)
-        rho = 1.0 / s.dot(y)
+        sy = float(s.dot(y))
         Hy = H @ y
-        yHy = y.dot(Hy)
-        H = (
-            H
-            + torch.outer(s, s) * ((1.0 + rho * yHy) * rho)
-            - rho * (torch.outer(Hy, s) + torch.outer(s, Hy))
-        )
-        st["H"] = 0.5 * (H + H.T)
+        yHy = float(y.dot(Hy))
+        rho = 1.0 / sy
+        # in place, O(n^2) memory traffic: H += c s s^T - rho (Hy s^T + s Hy^T)
+        H.addr_(s, s, alpha=(1.0 + rho * yHy) * rho)
+        H.addr_(Hy, s, alpha=-rho)
+        H.addr_(s, Hy, alpha=-rho)
+        st["H"] = H
 
 
 class DFP(_DenseInverseQN):
@@ -273,8 +273,10 @@ class DFP(_DenseInverseQN):
         H_{k+1} = H_k - \\frac{H_k y_k y_k^\\top H_k}{y_k^\\top H_k y_k}
                   + \\frac{s_k s_k^\\top}{y_k^\\top s_k}.
 
-    Same step, arguments and cost as :class:`BFGS` (only the update differs). DFP corrects
-    bad curvature estimates far more slowly than BFGS (Nocedal & Wright, Section 6.1).
+    Same step, arguments and cost as :class:`BFGS` (only the update differs), except the
+    default ``c2 = 0.1``: DFP corrects bad curvature estimates far more slowly than BFGS
+    (Nocedal & Wright, Section 6.1) and needs a more accurate line search (Fletcher 1987);
+    with ``c2 = 0.9`` it takes ~700 iterations on Rosenbrock instead of ~25.
 
     References:
         Davidon (1959); Fletcher & Powell (1963); Nocedal & Wright (2006), eq. (6.15).
@@ -287,11 +289,11 @@ class DFP(_DenseInverseQN):
         *,
         line_search_fn: str | None = "strong_wolfe",
         c1: float = 1e-4,
-        c2: float = 0.9,
+        c2: float = 0.1,
         max_evals: int = 25,
         tolerance_grad: float = 0.0,
         curvature_safeguard: str = "skip",
-        scale_initial: bool = True,
+        scale_initial: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -311,12 +313,13 @@ class DFP(_DenseInverseQN):
         if H is None:
             H = self._initial_H(s, y)
         Hy = H @ y
-        yHy = y.dot(Hy)
-        if float(yHy) <= 0:
+        yHy = float(y.dot(Hy))
+        if not yHy > 0:
             st["skipped_updates"] = st.get("skipped_updates", 0) + 1
             return
-        H = H - torch.outer(Hy, Hy) / yHy + torch.outer(s, s) / s.dot(y)
-        st["H"] = 0.5 * (H + H.T)
+        H.addr_(Hy, Hy, alpha=-1.0 / yHy)
+        H.addr_(s, s, alpha=1.0 / float(s.dot(y)))
+        st["H"] = H
 
 
 class LBFGS(_LineSearchQuasiNewton):
@@ -556,8 +559,7 @@ class SR1(SecondOrderOptimizer):
         v = y - Bs
         vs = float(v.dot(p))
         if abs(vs) >= self._hp("skip_tol") * pnorm * float(v.norm()) and vs != 0.0:
-            B = B + torch.outer(v, v) / vs
-            B = 0.5 * (B + B.T)
+            B.addr_(v, v, alpha=1.0 / vs)  # symmetric rank one, in place
         else:
             st["skipped_updates"] = st.get("skipped_updates", 0) + 1
         st["B"] = B
