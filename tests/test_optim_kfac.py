@@ -477,3 +477,13 @@ def test_preconditioner_factors_equal_operator_factors(fisher):
     for layer, (A, G) in zip(pre.layers, pre.factors):
         assert rel(A, ref[layer.name][0]) < 1e-12
         assert rel(G, ref[layer.name][1]) < 1e-12
+
+
+def test_non_finite_factors_raise_nonfinite_error():
+    model = _mlp()
+    pre = KFACPreconditioner(model, nn.MSELoss(), fisher="exact")
+    X = torch.randn(4, 4, dtype=DT)
+    X[0, 0] = float("nan")
+    nn.MSELoss()(model(X), torch.zeros(4, 3, dtype=DT)).backward()
+    with pytest.raises(hesse.NonFiniteError, match="K-FAC"):
+        pre.step()

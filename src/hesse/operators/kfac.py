@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int, check_nonnegative, warn_once
+from .._checks import check_choice, check_finite, check_int, check_nonnegative, warn_once
 from ..func import loss_kind, output_grad_unreduced, reduction_scale, sample_targets
 from .base import LinearOperator
 from .curvature import CurvatureOperator
@@ -574,6 +574,8 @@ class _KFACInverse(LinearOperator):
 def eigen_factors(A: Tensor, G: Tensor) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """Eigendecompositions (in float64, cast back) ``(QA, dA, QG, dG)``; ``QA=None`` if ``A``
     is diagonal (a vector)."""
+    check_finite(A, "the K-FAC input factor A")
+    check_finite(G, "the K-FAC output-gradient factor G")
     dt = G.dtype
     dG, QG = torch.linalg.eigh(0.5 * (G + G.T).double())
     if A.ndim == 1:
