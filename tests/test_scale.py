@@ -296,3 +296,63 @@ def test_bad_input():
         estimate(op, num_vectors=0)
     with pytest.raises(ValueError, match="extra_vectors"):
         estimate(op, extra_vectors=-1)
+
+
+# -- resumable long runs ---------------------------------------------------------------------
+
+
+class _InterruptAfter(hesse.LinearOperator):
+    """The wrapped operator, with Ctrl-C simulated on product number ``after + 1``."""
+
+    def __init__(self, op, after):
+        super().__init__(op.shape, op.dtype, op.device, symmetric=True)
+        self.op, self.after, self.calls = op, after, 0
+
+    def _matmat(self, V):
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt
+        return self.op._matmat(V)
+
+
+def test_interrupted_eigen_run_resumes_and_cli_says_how(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import hesse.cli
+
+    model, loss_fn, data = CASES[0].build()
+    H = hesse.HessianOperator(model, loss_fn, data)
+    kw = dict(tol=1e-10, max_basis=8)
+    ref = hesse.top_eigenpairs(H, 2, generator=torch.Generator().manual_seed(0), **kw)
+    ck = tmp_path / "eig.pt"
+    with pytest.raises(KeyboardInterrupt) as info:
+        hesse.top_eigenpairs(
+            _InterruptAfter(H, 6),
+            2,
+            generator=torch.Generator().manual_seed(0),
+            checkpoint=ck,
+            checkpoint_every=1,
+            **kw,
+        )
+    assert ck.exists() and str(ck) in str(info.value)
+    res = hesse.top_eigenpairs(
+        H, 2, generator=torch.Generator().manual_seed(0), checkpoint=ck, **kw
+    )
+    assert not ck.exists()
+    torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=1e-10, atol=0)
+    assert res.num_matvecs == ref.num_matvecs
+
+    # the command line passes the resume instructions on instead of swallowing them
+    def interrupted(args):
+        raise info.value
+
+    def build_parser():
+        p = argparse.ArgumentParser(prog="hesse")
+        sub = p.add_subparsers(dest="command")
+        sub.add_parser("spectrum").set_defaults(func=interrupted)
+        return p
+
+    monkeypatch.setattr(hesse.cli, "build_parser", build_parser)
+    assert hesse.cli.main(["spectrum"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and f"checkpoint={str(ck)!r}" in err

@@ -54,8 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"hesse {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hesse {args.command}: interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # solvers run with checkpoint= re-raise Ctrl-C with how to resume: show it
+        hint = f" {e}" if str(e) else ""
+        print(f"hesse {args.command}: interrupted.{hint}", file=sys.stderr)
         return 130
 
 
