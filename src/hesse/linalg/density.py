@@ -127,6 +127,7 @@ def spectral_density(
     deflate: int | EigenResult | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 200,
+    progress: bool = False,
 ) -> SpectralDensity:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature (SLQ).
 
@@ -183,6 +184,7 @@ def spectral_density(
             (same operator and settings) resumes from it; removed when the run finishes
             (see :mod:`hesse.linalg.checkpoint`).
         checkpoint_every: matvecs between saves (default 200).
+        progress: show a progress bar (tqdm) over the Lanczos steps.
 
     Returns:
         :class:`SpectralDensity` with ``grid``, ``density``, ``density_stderr``, the raw
@@ -292,6 +294,7 @@ def spectral_density(
             resume=None if saved is None else saved["lanczos"],
             save=save,
             save_every=checkpoint_every,
+            progress=progress,
         )
     except KeyboardInterrupt:
         if checkpoint is None:

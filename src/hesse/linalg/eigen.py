@@ -303,15 +303,35 @@ class _ThickRestartLanczos:
             self.last = self.ritz()
 
     def run(
-        self, checkpoint: Any = None, every: int = 50, config: dict | None = None
+        self,
+        checkpoint: Any = None,
+        every: int = 50,
+        config: dict | None = None,
+        progress: bool = False,
     ) -> EigenResult:
         saved_at = self.count
         self._dirty = False
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self.budget,
+                initial=self.count,
+                desc="top_eigenpairs",
+                unit="matvec",
+                leave=False,
+            )
         try:
             while True:
                 if self.count + self.Q.shape[1] > self.budget:
                     break
-                if self.step():
+                before = self.count
+                done = self.step()
+                if bar is not None and self.last is not None:
+                    bar.update(self.count - before)
+                    bar.set_postfix(max_error=f"{float(self.last.bound.max()):.2e}", refresh=False)
+                if done:
                     break
                 if checkpoint is not None and self.count - saved_at >= every:
                     save_state(checkpoint, "top_eigenpairs", config or {}, self.state_dict())
@@ -324,6 +344,9 @@ class _ThickRestartLanczos:
             raise KeyboardInterrupt(
                 interrupted_message(checkpoint, "top_eigenpairs", self.count)
             ) from None
+        finally:
+            if bar is not None:
+                bar.close()
         if checkpoint is not None:
             remove_state(checkpoint)
         out = self.result()
@@ -346,6 +369,7 @@ def top_eigenpairs(
     basis_dtype: torch.dtype | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
+    progress: bool = False,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -393,6 +417,7 @@ def top_eigenpairs(
             (same operator and settings) resumes from it; removed when the run finishes
             (see :mod:`hesse.linalg.checkpoint`).
         checkpoint_every: matvecs between saves (default 50).
+        progress: show a progress bar (tqdm) with the largest error estimate.
 
     Returns:
         :class:`EigenResult` with ``eigenvalues`` ``(k,)`` (``(2k,)`` for ``both_ends``: the
@@ -469,4 +494,4 @@ def top_eigenpairs(
         state = load_state(checkpoint, "top_eigenpairs", config)
         if state is not None:
             solver.load_state_dict(state)
-    return solver.run(checkpoint, checkpoint_every, config)
+    return solver.run(checkpoint, checkpoint_every, config, progress)

@@ -238,6 +238,7 @@ def _batched_lanczos(
     resume: dict | None = None,
     save: Callable[[dict], None] | None = None,
     save_every: int = 0,
+    progress: bool = False,
 ) -> LanczosDecomposition:
     """Independent Lanczos recurrences for the unit columns of ``Q0`` (see :func:`lanczos`).
 
@@ -293,6 +294,11 @@ def _batched_lanczos(
     saved_at = count
     snapshot = None
     j = start
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=m, initial=start, desc="Lanczos", unit="step", leave=False)
     try:
         for j in range(start, m):
             idx = torch.nonzero(active).reshape(-1)
@@ -326,6 +332,8 @@ def _batched_lanczos(
             b_prev[idx] = bnew
             q[idx] = W / bnew.clamp_min(torch.finfo(dtype).tiny).unsqueeze(1)
             snapshot = None
+            if bar is not None:
+                bar.update(1)
             if save is not None and save_every and count - saved_at >= save_every:
                 save(state(j + 1))
                 saved_at = count
@@ -333,4 +341,7 @@ def _batched_lanczos(
         if save is not None and snapshot is None:
             save(state(j))
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     return partial()
