@@ -69,6 +69,8 @@ class GradGraph:
         # Parameters that do not affect the gradient (e.g. a bias feeding a linear loss) have
         # zero Hessian rows; autograd reports them as unused.
         self._live = [g.requires_grad for g in self.grads]
+        self._live_idx = [i for i, ok in enumerate(self._live) if ok]
+        self._live_grads = [self.grads[i] for i in self._live_idx]
         self._strategy: str | None = None  # "batched" | "loop", chosen by timing (see hmp)
         self._timing: dict[str, float] = {}
 
@@ -103,16 +105,15 @@ class GradGraph:
         return out
 
     def _backward(self, v: list[Tensor], batched: bool) -> list[Tensor]:
-        live = [i for i, ok in enumerate(self._live) if ok]
-        out = [torch.zeros_like(t) for t in v]
+        live = self._live_idx
         if not live:
-            return out
+            return [torch.zeros_like(t) for t in v]
         res = torch.autograd.grad(
-            [self.grads[i] for i in live],
+            self._live_grads,
             self.params,
             [v[i] for i in live],
             retain_graph=True,
             allow_unused=True,
             is_grads_batched=batched,
         )
-        return [o if r is None else r for o, r in zip(out, res)]
+        return [torch.zeros_like(t) if r is None else r for t, r in zip(v, res)]
