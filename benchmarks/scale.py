@@ -90,7 +90,9 @@ def make_problem(size: str, seed: int = 0):
     return model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def lanczos_top(op, tol: float, max_hvps: int, generator: torch.Generator, log=None):
+def lanczos_top(
+    op, tol: float, max_hvps: int, generator: torch.Generator, log=None, time_budget=None
+):
     """Largest eigenvalue by the Lanczos three-term recurrence (3 vectors of memory).
 
     No reorthogonalisation (ghost copies only appear after the top Ritz value has
@@ -105,6 +107,8 @@ def lanczos_top(op, tol: float, max_hvps: int, generator: torch.Generator, log=N
     betas: list[float] = []
     times: list[float] = []
     theta = err = float("nan")
+    thetas: list[float] = []
+    start = time.perf_counter()
     for j in range(max_hvps):
         t0 = time.perf_counter()
         w = op @ v
@@ -126,15 +130,18 @@ def lanczos_top(op, tol: float, max_hvps: int, generator: torch.Generator, log=N
         r = beta * abs(float(evecs[-1, -1]))
         gap = float(evals[-1] - evals[-2]) if j else 0.0  # unknown after one step
         err = min(r, r * r / gap) if gap > 0 else r
+        thetas.append(theta)
         if log:
             log(f"  hvp {j + 1}: {times[-1]:.2f} s  theta={theta:.6g}  err<={err:.2e}")
         if err <= tol * abs(theta) or beta == 0.0:
-            return theta, err, j + 1, times, True
+            return theta, err, j + 1, times, True, thetas
+        if time_budget is not None and time.perf_counter() - start > time_budget:
+            return theta, err, j + 1, times, False, thetas
         betas.append(beta)
         w.div_(beta)
         v_prev, v = v, w
         del w
-    return theta, err, max_hvps, times, False
+    return theta, err, max_hvps, times, False, thetas
 
 
 def run(args, rank: int = 0, world: int = 1) -> dict:
@@ -165,9 +172,11 @@ def run(args, rank: int = 0, world: int = 1) -> dict:
     H.gradient()
     out["gradient_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = lanczos_top(H, args.tol, args.max_hvps, torch.Generator().manual_seed(7), log)
+    res = lanczos_top(
+        H, args.tol, args.max_hvps, torch.Generator().manual_seed(7), log, args.time_budget
+    )
     total = time.perf_counter() - t0
-    theta, err, hvps, times, converged = res
+    theta, err, hvps, times, converged, thetas = res
     out.update(
         lambda_max=theta,
         error_bound=err,
@@ -177,6 +186,8 @@ def run(args, rank: int = 0, world: int = 1) -> dict:
         first_hvp_s=times[0],
         median_hvp_s=statistics.median(times[1:]) if len(times) > 1 else times[0],
         lanczos_s=total,
+        thetas=thetas,
+        hvp_times=times,
     )
     if args.check:
         t0 = time.perf_counter()
@@ -216,6 +227,7 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--max-hvps", type=int, default=40)
     ap.add_argument("--micro-batch-size", type=int, default=None)
+    ap.add_argument("--time-budget", type=float, default=None, help="stop Lanczos after (s)")
     ap.add_argument("--no-estimate", action="store_true")
     ap.add_argument("--estimate-only", action="store_true")
     ap.add_argument("--check", action="store_true", help="also run hesse.top_eigenpairs")

@@ -132,7 +132,8 @@ class PreflightEstimate:
         extra_peak_bytes: predicted peak allocation above the current state during the first
             product (graphs, temporaries, input/accumulator/output vectors and
             ``extra_vectors``).
-        baseline_bytes: resident set size of the process when estimated (``None`` off Linux).
+        baseline_bytes: resident set size of the process before the probes (``None`` off
+            Linux).
         peak_bytes: predicted peak resident set size, ``baseline_bytes + extra_peak_bytes``.
         available_bytes: memory available on the machine when estimated.
         seconds_per_product: predicted time of one product of ``k`` columns, graphs cached.
@@ -284,6 +285,8 @@ def estimate(
         b2 = check_int(probe_size, "probe_size", maximum=B)
     b1 = max(1, b2 // 2)
     op.clear_cache()
+    # the resident set before the probes: their freed memory is reused by the real run
+    mem = process_memory()
 
     X = y = None
     for Xc, yc, _ in ob.batches():
@@ -358,7 +361,6 @@ def estimate(
         extra = vec + max(max(at("PB", c), at("R", c) + at("PP", c)) for c in chunks)
         t_steady = speed * sum(at("TP", c) + at("TB", c) for c in chunks)
         t_first = t_steady
-    mem = process_memory()
     base = mem["rss"]
     return PreflightEstimate(
         n=n,
