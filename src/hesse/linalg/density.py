@@ -268,11 +268,11 @@ def spectral_density(
         Z = run_op._project(Z)
     Z = Z / Z.norm(dim=0)
     save = None
-    progress = {"count": extra}
+    saved_count = {"count": extra}
     if checkpoint is not None:
 
         def save(state: dict) -> None:
-            progress["count"] = extra + int(state["count"])
+            saved_count["count"] = extra + int(state["count"])
             payload = {
                 "lanczos": state,
                 "exact": exact,
@@ -300,7 +300,7 @@ def spectral_density(
         if checkpoint is None:
             raise
         raise KeyboardInterrupt(
-            interrupted_message(checkpoint, "spectral_density", progress["count"])
+            interrupted_message(checkpoint, "spectral_density", saved_count["count"])
         ) from None
     except NonFiniteError as err:
         part = err.partial
