@@ -381,3 +381,12 @@ def test_random_layer_is_caught():
     _, loss_fn, data = CASES[0].build()
     with pytest.raises(ValueError, match="different outputs"):
         hesse.HessianOperator(Noisy().double(), loss_fn, data)
+
+
+def test_non_finite_inputs_raise_non_finite_error():
+    model, loss_fn, data = CASES[0].build()
+    X, y = data[0]
+    X = X.clone()
+    X[0, 0] = float("nan")
+    with pytest.raises(hesse.NonFiniteError, match="model outputs"):
+        hesse.HessianOperator(model, loss_fn, [(X, y)])

@@ -374,6 +374,7 @@ class Objective:
         X, _ = next(iter(self._data))
         with torch.no_grad(), self.mode():
             o1, o2 = self.forward(X), self.forward(X)
+        check_finite(o1, "the model outputs on the first batch")
         if not torch.equal(o1, o2):
             raise ValueError(
                 "The model gives different outputs for the same input (a random "
