@@ -14,6 +14,8 @@ or ``HessianFree`` is a one-line change)::
   iteration counts compare with scipy's ``nit``. It returns the loss at the starting point.
   ``closure`` is required; it may be called several times (line search, trust-region trial
   points, backtracking) and must compute the same deterministic function each time.
+  ``HessianFree`` calls it for losses only (CG backtracking, Armijo) under ``torch.no_grad()``
+  with ``backward()`` made a no-op, so those calls cost one forward pass.
 * The closure must return a scalar tensor (else ``TypeError``/``ValueError``) and call
   ``backward()``; parameters that get no gradient count as zero-gradient (warned once); if
   none does, ``ValueError``. A NaN/inf loss or gradient at the starting point of a step raises

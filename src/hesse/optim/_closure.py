@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._checks import NonFiniteError, warn_once
 
-__all__ = ["Evaluation", "evaluate", "graph_mode"]
+__all__ = ["Evaluation", "evaluate", "graph_mode", "loss_only"]
 
 
 class _GraphContext:
@@ -139,6 +139,30 @@ def _unpack(ret: Any) -> tuple[Tensor, Tensor | None]:
             "Reduce it (e.g. loss.mean()) before calling backward()."
         )
     return ret, outputs
+
+
+def loss_only(closure: Callable[[], Any]) -> float:
+    """Call ``closure`` for its loss only: no graph is built and ``backward()`` does nothing.
+
+    The closure runs under ``torch.no_grad()`` with :func:`torch.autograd.backward` replaced by
+    a no-op, so a torch-style closure costs one forward pass (used for Martens' CG-iterate
+    backtracking and the Armijo search, which only compare losses). ``p.grad`` is untouched.
+    Returns the loss as a float (``inf`` if non-finite).
+    """
+    original = torch.autograd.backward
+
+    def backward(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    torch.autograd.backward = backward
+    try:
+        with torch.no_grad():
+            ret = closure()
+    finally:
+        torch.autograd.backward = original
+    loss, _ = _unpack(ret)
+    f = float(loss)
+    return f if math.isfinite(f) else math.inf
 
 
 def evaluate(

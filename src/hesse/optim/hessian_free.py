@@ -19,7 +19,7 @@ from .._checks import check_choice, check_int, check_positive, check_probability
 from ..linalg.diagonal import hutchinson_diagonal
 from ..linalg.solve import cg_solve
 from ._base import GGNProductOperator, GradHVPOperator, SecondOrderOptimizer
-from ._closure import evaluate
+from ._closure import evaluate, loss_only
 
 __all__ = ["HessianFree"]
 
@@ -63,7 +63,8 @@ class HessianFree(SecondOrderOptimizer):
 
     Cost per step: one graph evaluation (plus one of ``curvature_closure``), up to
     ``cg_max_iters`` curvature products (each about 2 gradients), ``num_probes`` products for
-    the preconditioner, one product for ``rho``, and a few loss evaluations for backtracking.
+    the preconditioner, and a few forward-only loss evaluations for backtracking (the
+    closure runs under ``no_grad`` with ``backward()`` a no-op; counted in ``func_evals``).
 
     Args:
         params: parameters or parameter groups.
@@ -282,9 +283,10 @@ class HessianFree(SecondOrderOptimizer):
         return best, f_best, q_best
 
     def _loss_at(self, closure, x: Tensor, p: Tensor) -> float:
+        """Loss at ``x + p``: one forward pass (``backward()`` is a no-op; no gradient)."""
         self._vec.set_(x + p)
-        ev, _ = self._evaluate(closure)
-        return ev.f
+        self._st["func_evals"] += 1
+        return loss_only(closure)
 
     def _armijo(self, closure, x: Tensor, f: float, g: Tensor, d: Tensor, f_d: float) -> None:
         scale = self._scale()
