@@ -410,6 +410,8 @@ class KFAC(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if isinstance(loss, torch.Tensor):
+                loss = loss.detach()
         for group in self.param_groups:
             check_positive(group["lr"], "lr")
             wd = group["weight_decay"]

@@ -163,6 +163,8 @@ class Shampoo(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if isinstance(loss, torch.Tensor):
+                loss = loss.detach()
         for group in self.param_groups:
             self._validate(group)
             lr, mom, beta2 = group["lr"], group["momentum"], group["beta2"]
