@@ -279,3 +279,29 @@ def test_counters_and_one_iteration_per_step():
     assert c["iterations"] == r.iterations
     assert c["func_evals"] == c["grad_evals"] >= c["iterations"]
     assert c["hvps"] == 0
+
+
+def test_reuse_only_for_the_same_closure():
+    """Full batch (same closure object): the accepted point's gradient is reused. A new
+    closure object (a new mini-batch) is evaluated afresh, so no stale gradient is used."""
+    x = torch.tensor([1.0, -1.0], dtype=D, requires_grad=True)
+    opt = LBFGS([x])
+
+    def make(c):
+        def closure():
+            opt.zero_grad()
+            loss = ((x - c) ** 2).sum()
+            loss.backward()
+            return loss
+
+        return closure
+
+    full = make(0.5)
+    opt.step(full)
+    n = opt.counters["func_evals"]
+    opt.step(full)
+    reused = opt.counters["func_evals"] - n  # only line-search trials
+    n = opt.counters["func_evals"]
+    start_loss = opt.step(make(2.0))  # another batch at the same point
+    assert opt.counters["func_evals"] - n >= reused + 1
+    assert float(start_loss) > 1.0  # the new batch's loss, not the cached 0.5-batch value

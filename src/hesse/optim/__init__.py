@@ -14,6 +14,9 @@ or ``HessianFree`` is a one-line change)::
   iteration counts compare with scipy's ``nit``. It returns the loss at the starting point.
   ``closure`` is required; it may be called several times (line search, trust-region trial
   points, backtracking) and must compute the same deterministic function each time.
+  The value and gradient at the accepted point are reused by the next ``step`` when the
+  parameters are unchanged and the same closure object is passed (full batch); a new closure
+  object (e.g. one per mini-batch) always triggers a fresh evaluation.
   ``HessianFree`` calls it for losses only (CG backtracking, Armijo) under ``torch.no_grad()``
   with ``backward()`` made a no-op, so those calls cost one forward pass.
 * The closure must return a scalar tensor (else ``TypeError``/``ValueError``) and call

@@ -124,6 +124,12 @@ class SecondOrderOptimizer(Optimizer):
     def _validate(self, group: dict[str, Any]) -> None:
         """Check one group's hyperparameters (raise with a message naming the value)."""
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._versions = None  # cached evaluations belong to the state before loading
+        self._graph_cache = None
+        self._closure_owner = None
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_vec", None) is not None:
             raise RuntimeError(
@@ -211,14 +217,19 @@ class SecondOrderOptimizer(Optimizer):
     def _cached_point(self, closure: Callable[[], Any] | None) -> tuple[Tensor, Tensor, Tensor]:
         """``(x, loss, g)`` at the current parameters, reusing the last accepted evaluation.
 
-        The previous step stores its accepted point; if the parameters are unchanged it is
-        reused (the objective is assumed deterministic), otherwise the closure runs.
+        The previous step stores its accepted point; if the parameters are unchanged and the
+        closure is the same object as last step's it is reused (the objective is assumed
+        deterministic); otherwise the closure runs. Mini-batch loops that build a new closure
+        per batch therefore always get a fresh evaluation.
         """
         st = self._st
-        if "x" in st and getattr(self, "_versions", None) == self._vec.versions():
+        owner = getattr(self, "_closure_owner", None)
+        self._closure_owner = closure
+        same_fn = owner is None or owner is closure  # a new closure object = new data (batch)
+        if same_fn and "x" in st and getattr(self, "_versions", None) == self._vec.versions():
             return st["x"], st["loss"], st["g"]  # untouched since we set them (fast path)
         x = self._vec.get()
-        if "x" in st and st["x"].shape == x.shape and torch.equal(st["x"], x):
+        if same_fn and "x" in st and st["x"].shape == x.shape and torch.equal(st["x"], x):
             self._versions = self._vec.versions()
             return st["x"], st["loss"], st["g"]
         ev, g = self._evaluate(closure, first=True)

@@ -239,7 +239,8 @@ class Newton(SecondOrderOptimizer):
     def _iterate(self, closure: Callable[[], Any]) -> Tensor:
         st = self._st
         cache, self._graph_cache = getattr(self, "_graph_cache", None), None
-        if cache is not None and cache[0] == self._vec.versions():
+        owner, self._closure_owner = getattr(self, "_closure_owner", None), closure
+        if cache is not None and owner is closure and cache[0] == self._vec.versions():
             _, ev, g = cache  # the accepted trial point of the last step, graph included
             if not bool(torch.isfinite(g).all()):
                 ev, g = self._evaluate(closure, create_graph=True, first=True)
