@@ -86,10 +86,10 @@ def test_minimize_reports_counters():
     assert r.func_evals == r.counters["func_evals"] + 1
 
 
-# Problems where a method legitimately stops elsewhere within 300 iterations (the same
-# families scipy's methods fail on; see benchmarks/README.md for the full MGH table):
-# spherical trust regions crawl on badly scaled problems (Powell badly scaled, Meyer), SR1
-# ends in a different stationary region on Osborne 1.
+# Problems where a method legitimately stops elsewhere within 150 iterations (documented with
+# the full MGH table in benchmarks/README.md): SR1's spherical trust region crawls on the badly
+# scaled Powell problem (x* = (1.1e-5, 9.1)), and SR1 ends in another stationary region on
+# Osborne 1.
 KNOWN_FAILURES = {
     ("SR1", "powell_badly_scaled"),
     ("SR1", "osborne1"),
