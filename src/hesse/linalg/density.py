@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import NonFiniteError, check_choice, check_int, check_positive
+from .._checks import NonFiniteError, check_choice, check_int, check_positive, warn_once
 from ..operators.base import LinearOperator
 from ._probes import probes as draw_probes
 from ._results import EigenResult, SpectralDensity, _smooth
@@ -258,6 +258,12 @@ def spectral_density(
                 "deflate; nothing was saved yet (they take a few dozen matvecs)."
             ) from None
         extra = eig.num_matvecs
+        if not eig.converged:
+            warn_once(
+                f"spectral_density: the {k_defl} deflated eigenpairs did not converge within "
+                f"{eig.num_matvecs} matvecs; their masses are approximate. Pass deflate=0 or "
+                "a smaller deflate."
+            )
         U, _ = torch.linalg.qr(eig.eigenvectors)
         exact = eig.eigenvalues
     if U is not None:
