@@ -9,13 +9,17 @@ attention backend (hesse selects it for its products). Reports, as one JSON line
 * the top eigenvalue by a three-vector Lanczos recurrence (memory ``3 n``; eigenvalue error
   bound ``min(r, r^2 / gap)`` from the tridiagonal matrix, stopped at ``tol`` relative),
   HVPs to converge and total time;
-* the measured peak resident set size (``VmHWM``, whole process) against the pre-flight.
+* the measured peak resident set size (``VmHWM``, whole process) and the exact peak of
+  tensor allocations during the Lanczos run (:class:`hesse.analysis.AllocationTracker`),
+  against the pre-flight.
 
 Sizes (``--size``): ``10m`` (8 blocks, d=256), ``112m`` (14 blocks, d=768, the issue's model),
 ``300m`` (22 blocks, d=1024); vocabulary 8192, batch 4 x 128 tokens.
 
-``--ranks 2`` runs two gloo processes (forked), each with half of the batch and one thread,
-against ``--ranks 1`` with two threads: the same operator (all-reduced), the same answer.
+``--ranks 2`` runs two gloo processes (forked), each with half of the batch, against
+``--ranks 1``: the same operator (all-reduced), the same answer. One thread per rank by
+default (``--threads``): on a shared machine two OpenMP threads per process were 10x slower
+than one (spin-waiting under oversubscription).
 
 Usage::
 
@@ -41,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 import hesse
-from hesse.analysis.preflight import process_memory
+from hesse.analysis.preflight import AllocationTracker, process_memory
 
 SIZES = {
     "10m": dict(layers=8, d=256, heads=8),
@@ -171,11 +175,14 @@ def run(args, rank: int = 0, world: int = 1) -> dict:
     t0 = time.perf_counter()
     H.gradient()
     out["gradient_s"] = time.perf_counter() - t0
+    tracker = AllocationTracker()  # exact allocations of the run, next to the RSS
     t0 = time.perf_counter()
-    res = lanczos_top(
-        H, args.tol, args.max_hvps, torch.Generator().manual_seed(7), log, args.time_budget
-    )
+    with tracker:
+        res = lanczos_top(
+            H, args.tol, args.max_hvps, torch.Generator().manual_seed(7), log, args.time_budget
+        )
     total = time.perf_counter() - t0
+    out["allocated_peak_gb"] = tracker.peak / 1e9
     theta, err, hvps, times, converged, thetas = res
     out.update(
         lambda_max=theta,
@@ -205,11 +212,12 @@ def run(args, rank: int = 0, world: int = 1) -> dict:
         out["peak_rss_gb"] = peak / 1e9
     if "est_peak_gb" in out:
         out["est_vs_measured_peak"] = out["est_peak_gb"] / (peak / 1e9)
+        out["est_vs_allocated_peak"] = out["est_extra_gb"] / out["allocated_peak_gb"]
     return out
 
 
 def _rank_main(rank: int, world: int, store: str, args) -> None:
-    torch.set_num_threads(args.threads or 1)
+    torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         out = run(args, rank, world)
@@ -223,7 +231,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default="10m")
     ap.add_argument("--ranks", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None, help="per rank (default 2 / ranks)")
+    ap.add_argument("--threads", type=int, default=1, help="per rank (default 1)")
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--max-hvps", type=int, default=40)
     ap.add_argument("--micro-batch-size", type=int, default=None)
@@ -234,11 +242,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     if args.ranks == 1:
-        torch.set_num_threads(args.threads or 2)
+        torch.set_num_threads(args.threads)
         print(json.dumps(run(args)), flush=True)
         return
-    if args.threads is None:
-        args.threads = max(1, 2 // args.ranks)
     store = os.path.join(tempfile.mkdtemp(), "store")
     torch.multiprocessing.start_processes(
         _rank_main, args=(args.ranks, store, args), nprocs=args.ranks, start_method="fork"
