@@ -155,7 +155,7 @@ class HessianFree(SecondOrderOptimizer):
         check_int(group["max_backtracks"], "max_backtracks", minimum=0)
         check_probability(group["c1"], "c1")
 
-    def _curvature_operator(self, ev, create_graph: bool):
+    def _curvature_operator(self, ev):
         if self._hp("curvature") == "hessian":
             return GradHVPOperator(self._vec, ev.graph_grads or [])
         if ev.outputs is None:
@@ -179,7 +179,7 @@ class HessianFree(SecondOrderOptimizer):
             cev, _ = self._graph_evaluate(curvature_closure, hess)
         x = self._vec.get()
         loss, f = ev.loss, ev.f
-        op = self._curvature_operator(cev, hess)
+        op = self._curvature_operator(cev)
         lam = float(st.get("lam", self._hp("damping")))
         try:
             self._solve(op, g, lam)  # products end here: the graph dies when x moves
@@ -290,18 +290,15 @@ class HessianFree(SecondOrderOptimizer):
 
     def _armijo(self, closure, x: Tensor, f: float, g: Tensor, d: Tensor, f_d: float) -> None:
         scale = self._scale()
-        t = 1.0
-        lr = 1.0
-        if isinstance(scale, Tensor):
-            d = d * scale
+        per_group = isinstance(scale, Tensor)
+        if per_group:
+            d, t = d * scale, 1.0
         else:
-            lr = scale
+            t = scale
         slope = float(g.dot(d))
         c1 = self._hp("c1")
-        t = lr
-        fv = (
-            f_d if lr == 1.0 and not isinstance(scale, Tensor) else self._loss_at(closure, x, t * d)
-        )
+        # f(x + d) is known from the backtracking when the first trial is the full step
+        fv = f_d if t == 1.0 and not per_group else self._loss_at(closure, x, t * d)
         for _ in range(self._hp("max_backtracks")):
             if math.isfinite(fv) and fv <= f + c1 * t * min(slope, 0.0):
                 self._vec.set_(x + t * d)
