@@ -95,10 +95,10 @@ def test_float64_accumulation_over_chunks():
 
 def test_micro_batching_bounds_peak_memory_without_cache():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(50, 256), nn.Tanh(), nn.Linear(256, 5))
-    X, y = torch.randn(512, 50), torch.randint(0, 5, (512,))
+    model = nn.Sequential(nn.Linear(20, 128), nn.Tanh(), nn.Linear(128, 5))
+    X, y = torch.randn(256, 20), torch.randint(0, 5, (256,))
     peaks = {}
-    for m in (None, 64):
+    for m in (None, 32):
         op = hesse.HessianOperator(
             model, nn.CrossEntropyLoss(), (X, y), micro_batch_size=m, cache_graph=False
         )
@@ -106,7 +106,7 @@ def test_micro_batching_bounds_peak_memory_without_cache():
         with AllocationTracker() as tr:
             op @ v
         peaks[m] = tr.peak
-    assert peaks[64] < 0.5 * peaks[None]
+    assert peaks[32] < 0.5 * peaks[None]
 
 
 # -- transformers: double backward through attention --------------------------------------
@@ -135,13 +135,13 @@ def _transformer_problem(causal):
     torch.manual_seed(0)
     model = _TinyTransformer(causal=causal).double().eval()
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 3, (3, 3), generator=g)
-    targets = torch.randint(0, 3, (3, 3), generator=g)
+    tokens = torch.randint(0, 3, (2, 3), generator=g)
+    targets = torch.randint(0, 3, (2, 3), generator=g)
 
     def loss_fn(logits, t):
         return nn.functional.cross_entropy(logits, t.flatten())
 
-    return model, loss_fn, [(tokens[:2], targets[:2]), (tokens[2:], targets[2:])]
+    return model, loss_fn, [(tokens[:1], targets[:1]), (tokens[1:], targets[1:])]
 
 
 def test_fused_attention_has_no_double_backward_here():
