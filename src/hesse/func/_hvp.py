@@ -73,6 +73,7 @@ class GradGraph:
         self._live_grads = [self.grads[i] for i in self._live_idx]
         self._strategy: str | None = None  # "batched" | "loop", chosen by timing (see hmp)
         self._timing: dict[str, float] = {}
+        self._warm = False
 
     def hvp(self, v: Sequence[Tensor]) -> list[Tensor]:
         """``H v`` for one direction given as a list of tensors shaped like ``params``."""
@@ -84,14 +85,16 @@ class GradGraph:
         Either one vmapped backward pass over the cached graph (``is_grads_batched``) or one
         backward pass per column, whichever is faster for this graph: vmap wins by up to 6x
         on small graphs (per-call overhead) but loses ~1.5x on large ones (it copies every
-        batched matmul operand). The first two blocks are timed, one each way, and the faster
-        strategy is kept.
+        batched matmul operand). After one warm-up block, one block is timed each way and
+        the faster strategy is kept.
         """
         V = list(V)
         k = V[0].shape[0]
         if k == 1:
             return [t.unsqueeze(0) for t in self.hvp([v[0] for v in V])]
-        strategy = self._strategy or ("batched" if "batched" not in self._timing else "loop")
+        # call 1: batched, untimed (warm-up of the graph's buffers); call 2: batched, timed;
+        # call 3: per column, timed; then keep the faster one.
+        strategy = self._strategy or ("loop" if "batched" in self._timing else "batched")
         start = time.perf_counter()
         if strategy == "batched":
             out = self._backward(V, batched=True)
@@ -99,6 +102,9 @@ class GradGraph:
             cols = [self.hvp([v[j] for v in V]) for j in range(k)]
             out = [torch.stack(parts) for parts in zip(*cols)]
         if self._strategy is None:
+            if not self._warm:
+                self._warm = True
+                return out
             self._timing[strategy] = (time.perf_counter() - start) / k
             if len(self._timing) == 2:
                 self._strategy = min(self._timing, key=self._timing.__getitem__)
