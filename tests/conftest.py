@@ -4,7 +4,10 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread: the tests use tiny tensors, where a second thread only adds synchronisation
+# (and stalls badly on a busy machine). Subprocesses inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -519,6 +519,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write to --out {args.out!r}: {e}") from e
 
     meta: dict[str, Any] = {}
+    loss_fn = _make_loss(args)  # validate before any training
     if args.model is None:
         if args.data is not None or args.checkpoint is not None:
             raise UsageError("--data/--checkpoint need --model as well.")
@@ -528,7 +529,6 @@ def _run(args: argparse.Namespace) -> int:
             w = default_workload(seed=args.seed, dtype=dtype)
             bar.update(1)
         model, data = w.model, w.train
-        loss_fn = _make_loss(args)
         meta.update(name=w.name, test_accuracy=w.accuracy("test"))
     else:
         if args.data is None:
@@ -553,7 +553,6 @@ def _run(args: argparse.Namespace) -> int:
         model = model.to(dtype)
         data = _load_factory(args.data, "data")
         data = _cast_data(data, dtype)
-        loss_fn = _make_loss(args)
         meta.update(name=args.model)
     params = [p.strip() for p in args.params.split(",")] if args.params else None
     try:
