@@ -1,6 +1,7 @@
 """Second-order optimizers I: hesse vs Nocedal & Wright, scipy.optimize and torch.optim.
 
-Sections (``--sections nw,scipy,torch,mgh,digits``):
+Sections (``--sections nw,scipy,torch,mgh,digits``; ``autoencoder`` adds issue 8's K-FAC /
+Shampoo vs Adam table from ``benchmarks/optimizers_kfac.py``):
 
 * ``nw``: Rosenbrock from (-1.2, 1), stop at ||g||_2 <= 1e-5 (Nocedal & Wright 2006, 6.1:
   BFGS 34 iterations, Newton 21).
@@ -390,6 +391,16 @@ def main():
         section_mgh(out)
     if "digits" in secs:
         section_digits(out)
+    if "autoencoder" in secs:
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location(
+            "optimizers_kfac", Path(__file__).with_name("optimizers_kfac.py")
+        )
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        out["autoencoder"] = mod.main(["--repeats", str(min(args.repeats, 3))])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)
