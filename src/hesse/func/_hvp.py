@@ -72,7 +72,7 @@ class GradGraph:
         self._live_idx = [i for i, ok in enumerate(self._live) if ok]
         self._live_grads = [self.grads[i] for i in self._live_idx]
         self._strategy: str | None = None  # "batched" | "loop", chosen by timing (see hmp)
-        self._timing: dict[str, float] = {}
+        self._timing: dict[str, list[float]] = {"batched": [], "loop": []}
         self._warm = False
 
     def hvp(self, v: Sequence[Tensor]) -> list[Tensor]:
@@ -85,16 +85,18 @@ class GradGraph:
         Either one vmapped backward pass over the cached graph (``is_grads_batched``) or one
         backward pass per column, whichever is faster for this graph: vmap wins by up to 6x
         on small graphs (per-call overhead) but loses ~1.5x on large ones (it copies every
-        batched matmul operand). After one warm-up block, one block is timed each way and
-        the faster strategy is kept.
+        batched matmul operand). After one warm-up block, two blocks are timed each way
+        (alternating) and the strategy with the faster best time is kept.
         """
         V = list(V)
         k = V[0].shape[0]
         if k == 1:
             return [t.unsqueeze(0) for t in self.hvp([v[0] for v in V])]
-        # call 1: batched, untimed (warm-up of the graph's buffers); call 2: batched, timed;
-        # call 3: per column, timed; then keep the faster one.
-        strategy = self._strategy or ("loop" if "batched" in self._timing else "batched")
+        # call 1: batched, untimed (warm-up of the graph's buffers); calls 2-5 alternate
+        # batched / per column, timed; then keep the one with the faster best time.
+        strategy = self._strategy or (
+            "batched" if len(self._timing["loop"]) >= len(self._timing["batched"]) else "loop"
+        )
         start = time.perf_counter()
         if strategy == "batched":
             out = self._backward(V, batched=True)
@@ -105,9 +107,9 @@ class GradGraph:
             if not self._warm:
                 self._warm = True
                 return out
-            self._timing[strategy] = (time.perf_counter() - start) / k
-            if len(self._timing) == 2:
-                self._strategy = min(self._timing, key=self._timing.__getitem__)
+            self._timing[strategy].append((time.perf_counter() - start) / k)
+            if len(self._timing["loop"]) == 2:
+                self._strategy = min(self._timing, key=lambda s: min(self._timing[s]))
         return out
 
     def _backward(self, v: list[Tensor], batched: bool) -> list[Tensor]:
