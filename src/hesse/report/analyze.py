@@ -508,6 +508,10 @@ def _run(args: argparse.Namespace) -> int:
     from ..cli import UsageError
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: must be >= 0.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     try:  # fail early, before any computation, if the output folder cannot be written
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -657,6 +661,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--out", default="hesse-report", help="output folder")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (0 = torch's default). Products on small models "
+                        "are latency-bound: a second thread gains little and stalls badly when "
+                        "another process holds a core")
     p.add_argument("--no-plots", action="store_true", help="write report.json only")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run)
