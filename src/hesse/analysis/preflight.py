@@ -135,6 +135,10 @@ class PreflightEstimate:
         baseline_bytes: resident set size of the process before the probes (``None`` off
             Linux).
         peak_bytes: predicted peak resident set size, ``baseline_bytes + extra_peak_bytes``.
+            The allocations are predicted to about 1% (measured on GPT models of 10M-294M
+            parameters); the resident set also holds allocator fragmentation and memory
+            outside tensors, so the measured peak RSS was 15-25% above this figure
+            (``benchmarks/README.md``): keep that margin when sizing a machine.
         available_bytes: memory available on the machine when estimated.
         seconds_per_product: predicted time of one product of ``k`` columns, graphs cached.
         seconds_first_product: the first product, which builds the graphs.
