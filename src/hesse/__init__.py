@@ -1,11 +1,42 @@
 """hesse: the Hessian in deep learning, for PyTorch.
 
 Exact curvature products (Hessian, GGN, Fisher) as matrix-free linear operators, the spectral
-toolkit on top of them, second-order optimizers, Hessian-aware compression and sharpness
-tracking.
+toolkit on top of them, analyses (critical points, speed limits, sharpness), second-order
+optimizers (:mod:`hesse.optim`), Hessian-aware compression (:mod:`hesse.compress`) and
+plots (:mod:`hesse.plot`).
 """
 
+__version__ = "0.1.0"
+
+from . import compress as compress
 from ._checks import NonFiniteError
+from .analysis.critical import (
+    classify_critical_point,
+    layer_max_stable_lr,
+    max_stable_lr,
+    stopping_rule,
+)
+from .analysis.preflight import PreflightEstimate, estimate
+from .analysis.tracker import SharpnessTracker
+from .linalg import (
+    CGResult,
+    DiagonalResult,
+    EigenResult,
+    SpectralDensity,
+    TraceResult,
+    cg_solve,
+    exact_diagonal,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    minres_solve,
+    power_iteration,
+    spectral_density,
+    top_eigenpairs,
+    trace,
+    xdiag,
+    xtrace,
+)
 from .objective import Objective
 from .operators import (
     CurvatureOperator,
@@ -21,16 +52,14 @@ from .operators import (
     aslinearoperator,
     hessian_of,
 )
-from .linalg.diagonal import DiagonalResult, exact_diagonal, hutchinson_diagonal, xdiag
-from .linalg.solve import CGResult, cg_solve, minres_solve
-from .linalg.trace import TraceResult, hutchinson_trace, hutchpp_trace, trace, xtrace
-
-__version__ = "0.1.0"
 
 __all__ = [
+    "CGResult",
     "CurvatureOperator",
     "DenseOperator",
     "DiagonalOperator",
+    "DiagonalResult",
+    "EigenResult",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
@@ -40,54 +69,29 @@ __all__ = [
     "LowRankOperator",
     "NonFiniteError",
     "Objective",
+    "PreflightEstimate",
+    "SharpnessTracker",
+    "SpectralDensity",
+    "TraceResult",
     "__version__",
     "aslinearoperator",
-    "hessian_of",
-    "CGResult",
     "cg_solve",
-    "minres_solve",
-    "DiagonalResult",
-    "TraceResult",
+    "classify_critical_point",
+    "compress",
+    "estimate",
     "exact_diagonal",
+    "hessian_of",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_trace",
-    "trace",
-    "xtrace",
-    "xdiag",
-]
-
-from .linalg import (  # noqa: E402
-    EigenResult,
-    SpectralDensity,
-    power_iteration,
-    spectral_density,
-    top_eigenpairs,
-)
-
-__all__ += [
-    "EigenResult",
-    "SpectralDensity",
+    "layer_max_stable_lr",
+    "max_stable_lr",
+    "minres_solve",
     "power_iteration",
     "spectral_density",
+    "stopping_rule",
     "top_eigenpairs",
+    "trace",
+    "xdiag",
+    "xtrace",
 ]
-
-from .analysis.tracker import SharpnessTracker  # noqa: E402
-
-__all__ += ["SharpnessTracker"]
-
-from .analysis.preflight import PreflightEstimate, estimate  # noqa: E402
-
-__all__ += ["PreflightEstimate", "estimate"]
-
-from .analysis.critical import (  # noqa: E402
-    classify_critical_point,
-    layer_max_stable_lr,
-    max_stable_lr,
-    stopping_rule,
-)
-
-__all__ += ["classify_critical_point", "layer_max_stable_lr", "max_stable_lr", "stopping_rule"]
-
-from . import compress as compress  # noqa: E402  (hesse.compress.prune, quantize, ...)

@@ -21,6 +21,7 @@ from .landscape import (
     perturbed_parameters,
     random_direction,
 )
+from .preflight import AllocationTracker, PreflightEstimate, estimate, process_memory
 from .saddle import EscapeStep, NegativeCurvature, detect_negative_curvature, escape_step
 from .sharpness import (
     FlatnessMetrics,
@@ -39,7 +40,6 @@ from .tracker import (
     adam_preconditioner,
     lightning_callback,
 )
-from .preflight import AllocationTracker, PreflightEstimate, estimate, process_memory
 
 __all__: list[str] = [
     "CriticalPoint",

@@ -661,10 +661,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--out", default="hesse-report", help="output folder")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (0 = torch's default). Products on small models "
-                        "are latency-bound: a second thread gains little and stalls badly when "
-                        "another process holds a core")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0 = torch's default). Products on small models "
+        "are latency-bound: a second thread gains little and stalls badly when "
+        "another process holds a core",
+    )
     p.add_argument("--no-plots", action="store_true", help="write report.json only")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run)
