@@ -294,6 +294,23 @@ def _boundary_step(X: Tensor, P: Tensor, radius: float) -> Tensor:
 # -- conjugate gradients ------------------------------------------------------------------------
 
 
+def _start(
+    op: Any, B: Tensor, X0: Tensor | None, damping: float, out: Any, cols: Tensor, name: str
+) -> tuple[Tensor, Tensor]:
+    """Initial iterate and residual ``(X0, B - A X0)`` (``(0, B)`` without a start)."""
+    if X0 is None:
+        return torch.zeros_like(B), B.clone()
+    X = X0.clone()
+    AX = _apply(op, X, damping)
+    out.num_matvecs += B.shape[1]
+    if not bool(torch.isfinite(AX).all()):
+        raise NonFiniteError(
+            f"Non-finite values (NaN/inf) in the product A @ x0 in {name}.",
+            out.partial(cols, X),
+        )
+    return X, B - AX
+
+
 def cg_solve(
     A: Any,
     b: Tensor,
@@ -397,19 +414,7 @@ def cg_solve(
     k = B.shape[1]
     cols = torch.arange(k, device=B.device)
 
-    if X0 is None:
-        X = torch.zeros_like(B)
-        R = B.clone()
-    else:
-        X = X0.clone()
-        AX = _apply(op, X, damping)
-        out.num_matvecs += k
-        if not bool(torch.isfinite(AX).all()):
-            raise NonFiniteError(
-                "Non-finite values (NaN/inf) in the product A @ x0 in cg_solve.",
-                out.partial(cols, X),
-            )
-        R = B - AX
+    X, R = _start(op, B, X0, damping, out, cols, "cg_solve")
     Bs = B
     thresh = torch.clamp_min(tol * torch.linalg.vector_norm(B, dim=0), atol)
     rnorm = torch.linalg.vector_norm(R, dim=0)
@@ -583,19 +588,7 @@ def minres_solve(
     dt = B.dtype
     eps = torch.finfo(dt).eps
 
-    if X0 is None:
-        X = torch.zeros_like(B)
-        R1 = B.clone()
-    else:
-        X = X0.clone()
-        AX = _apply(op, X, damping)
-        out.num_matvecs += k
-        if not bool(torch.isfinite(AX).all()):
-            raise NonFiniteError(
-                "Non-finite values (NaN/inf) in the product A @ x0 in minres_solve.",
-                out.partial(cols, X),
-            )
-        R1 = B - AX
+    X, R1 = _start(op, B, X0, damping, out, cols, "minres_solve")
     Y = R1 if Minv is None else Minv(R1)
     beta1sq = (R1 * Y).sum(0)
     if bool((beta1sq < 0).any()):
