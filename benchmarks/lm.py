@@ -6,6 +6,8 @@ Subcommands (each prints its table; ``--json PATH`` also writes it)::
     python benchmarks/lm.py corpus DIR     # regenerate lm_train.txt / lm_test.txt (CPython 3.11)
     python benchmarks/lm.py weights        # retrain the shipped weights (~50 s CPU), print losses
     python benchmarks/lm.py workload       # train/test loss of the shipped model vs unigram
+    python benchmarks/lm.py blocks --out DIR    # block heterogeneity: JS table, LM vs CNN
+    python benchmarks/lm.py compress       # test perplexity: float, RTN/OBS 4/3 bits, pruning
 
 All runs use one thread (``torch.set_num_threads(1)``) and fixed seeds; times are CPU time of
 the main thread (``time.thread_time``).
@@ -89,6 +91,168 @@ def cmd_workload(args: argparse.Namespace) -> dict:
     return {"load_s": time.perf_counter() - t, **workload_row(w)}
 
 
+def make_cnn(seed: int = 0) -> torch.nn.Sequential:
+    """A ReLU CNN for 8x8 digits of about the LM's size (241,546 parameters): conv 1-32-64,
+    max-pool, conv 64-128-128, global average pool, linear 128-10."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(128, 128, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
+
+
+def cnn_task(seed: int = 0, steps: int = 300, batch_size: int = 128):
+    """``(model_at_init, trained_model, loss_fn, (X, y) train, (X, y) test)`` for the CNN:
+    Adam(1e-3) on random minibatches of the digits training images (fixed generator)."""
+    import copy
+
+    from hesse.data import load_digits_tensors
+
+    (Xtr, ytr), (Xte, yte) = load_digits_tensors(seed=seed)
+    Xtr, Xte = Xtr.reshape(-1, 1, 8, 8), Xte.reshape(-1, 1, 8, 8)
+    init = make_cnn(seed)
+    model = copy.deepcopy(init)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(len(Xtr), (batch_size,), generator=g)
+        opt.zero_grad()
+        loss_fn(model(Xtr[i]), ytr[i]).backward()
+        opt.step()
+    return init.eval(), model.eval(), loss_fn, (Xtr, ytr), (Xte, yte)
+
+
+def cmd_blocks(args: argparse.Namespace) -> dict:
+    """Mean pairwise JS distance of the diagonal Hessian blocks (every weight matrix), LM vs
+    CNN, at initialisation and trained, both normalisations (one SLQ run serves both)."""
+    import dataclasses
+
+    from hesse.analysis import block_spectra
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    w = lm_data.lm_workload(num_train=args.lm_sequences)
+    lm_init = lm_data.CausalTransformer(seed=0).eval()
+    cnn_init, cnn, cnn_loss, cnn_train, cnn_test = cnn_task()
+    with torch.no_grad():
+        cnn_acc = float((cnn(cnn_test[0]).argmax(1) == cnn_test[1]).double().mean())
+    cnn_data = (cnn_train[0][: args.cnn_images], cnn_train[1][: args.cnn_images])
+    cases = {
+        "LM init": (lm_init, w.loss_fn, w.train),
+        "LM trained": (w.model, w.loss_fn, w.train),
+        "CNN init": (cnn_init, cnn_loss, cnn_data),
+        "CNN trained": (cnn, cnn_loss, cnn_data),
+    }
+    rows = {}
+    for name, (model, loss_fn, data) in cases.items():
+        t = time.thread_time()
+        res = block_spectra(
+            model,
+            loss_fn,
+            data,
+            num_probes=args.probes,
+            num_steps=args.steps,
+            generator=torch.Generator().manual_seed(0),
+        )
+        cpu = time.thread_time() - t
+        # the same quadratures on the radius-normalised grid (no new products)
+        from hesse.analysis.blocks import _common_densities, js_distance
+
+        grid, dens, sig = _common_densities(res.blocks, "radius", 512, None)
+        js = js_distance(dens.unsqueeze(1), dens.unsqueeze(0)).fill_diagonal_(0.0)
+        res_r = dataclasses.replace(res, grid=grid, densities=dens, js=js, normalize="radius",
+                                    sigma=sig)
+        tag = name.lower().replace(" ", "_")
+        res.save(out / f"blocks_{tag}.json")
+        res.plot(out / f"blocks_{tag}.png", title=f"{name}: Hessian block spectra")
+        res_r.plot(out / f"blocks_{tag}_radius.png", title=f"{name}: normalised block spectra")
+        lam = [b.lambda_max for b in res.blocks]
+        rows[name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "blocks": len(res.blocks),
+            "mean_js_raw": res.mean_js,
+            "mean_js_radius": res_r.mean_js,
+            "lambda_max_ratio": max(lam) / max(min(lam), 1e-30),
+            "num_matvecs": res.num_matvecs,
+            "cpu_s": cpu,
+            "lambda_max": {b.name: b.lambda_max for b in res.blocks},
+        }
+        print(f"{name:12s} blocks={len(res.blocks):3d} JS raw={res.mean_js:.3f} "
+              f"radius={res_r.mean_js:.3f} cpu={cpu:.0f}s", flush=True)
+    rows["meta"] = {"lm_test_loss": w.loss(), "cnn_test_accuracy": cnn_acc,
+                    "lm_sequences": args.lm_sequences, "cnn_images": args.cnn_images,
+                    "probes": args.probes, "steps": args.steps}
+    return rows
+
+
+def perplexity(model: torch.nn.Module, data: tuple) -> float:
+    import math
+
+    with torch.no_grad():
+        return math.exp(float(lm_data.TokenCrossEntropy()(model(data[0]), data[1])))
+
+
+def cmd_compress(args: argparse.Namespace) -> dict:
+    """Test perplexity of the shipped LM after 4/3-bit quantization (RTN vs the second-order
+    quantizer) and 50% pruning (magnitude vs OBS); calibration on training sequences."""
+    import copy
+
+    from hesse import compress
+
+    w = lm_data.lm_workload(num_train=args.calib)
+    refs = [r.name for r in compress.compressible_weights(w.model)]
+    rows: dict[str, dict] = {"float": {"ppl": perplexity(w.model, w.test)}}
+    print(f"compressible weights ({len(refs)}): {refs[:3]} ...", flush=True)
+    for bits in args.bits:
+        for method in ("rtn", "obs"):
+            m = copy.deepcopy(w.model)
+            t = time.thread_time()
+            res = compress.quantize(m, w.train, bits, method=method)
+            rows[f"{bits}-bit {method}"] = {
+                "ppl": perplexity(m, w.test),
+                "cpu_s": time.thread_time() - t,
+                "layers": len(res.bits),
+                "mean_layer_error": sum(res.layer_error.values()) / len(res.layer_error),
+            }
+            print(rows[f"{bits}-bit {method}"], flush=True)
+    prune_data = (w.train[0][: args.prune_calib], w.train[1][: args.prune_calib])
+    for method in ("magnitude", "obs"):
+        m = copy.deepcopy(w.model)
+        t = time.thread_time()
+        try:
+            compress.prune(m, w.loss_fn, prune_data, args.sparsity, method=method)
+        except Exception as e:  # report what the public API refuses, do not hide it
+            rows[f"prune {args.sparsity:g} {method}"] = {"error": f"{type(e).__name__}: {e}"}
+            print(rows[f"prune {args.sparsity:g} {method}"], flush=True)
+            continue
+        rows[f"prune {args.sparsity:g} {method}"] = {
+            "ppl": perplexity(m, w.test),
+            "cpu_s": time.thread_time() - t,
+            "sparsity": compress.sparsity_of(m),
+        }
+        print(rows[f"prune {args.sparsity:g} {method}"], flush=True)
+    f = rows["float"]["ppl"]
+    for k, r in rows.items():
+        if "ppl" in r:
+            r["vs_float"] = r["ppl"] / f - 1.0
+    rows["meta"] = {"compressed": refs, "calib_sequences": args.calib,
+                    "prune_calib_sequences": args.prune_calib}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None)
@@ -97,6 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("dir")
     sub.add_parser("weights")
     sub.add_parser("workload")
+    b = sub.add_parser("blocks")
+    b.add_argument("--out", default="lm_blocks_out")
+    b.add_argument("--lm-sequences", type=int, default=8)
+    b.add_argument("--cnn-images", type=int, default=128)
+    b.add_argument("--probes", type=int, default=4)
+    b.add_argument("--steps", type=int, default=40)
+    q = sub.add_parser("compress")
+    q.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    q.add_argument("--calib", type=int, default=128, help="calibration training sequences")
+    q.add_argument("--prune-calib", type=int, default=16)
+    q.add_argument("--sparsity", type=float, default=0.5)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "corpus":
@@ -104,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             print("warning: the shipped corpus was built from CPython 3.11", file=sys.stderr)
         result = build_corpus(args.dir)
     else:
-        result = {"weights": cmd_weights, "workload": cmd_workload}[args.cmd](args)
+        result = {"weights": cmd_weights, "workload": cmd_workload, "blocks": cmd_blocks,
+                  "compress": cmd_compress}[args.cmd](args)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
