@@ -50,6 +50,7 @@ from .operators import (
     LinearOperator,
     LowRankOperator,
     aslinearoperator,
+    curvature_operator,
     hessian_of,
 )
 
@@ -78,6 +79,7 @@ __all__ = [
     "cg_solve",
     "classify_critical_point",
     "compress",
+    "curvature_operator",
     "estimate",
     "exact_diagonal",
     "hessian_of",
