@@ -173,8 +173,9 @@ def cmd_blocks(args: argparse.Namespace) -> dict:
 
         grid, dens, sig = _common_densities(res.blocks, "radius", 512, None)
         js = js_distance(dens.unsqueeze(1), dens.unsqueeze(0)).fill_diagonal_(0.0)
-        res_r = dataclasses.replace(res, grid=grid, densities=dens, js=js, normalize="radius",
-                                    sigma=sig)
+        res_r = dataclasses.replace(
+            res, grid=grid, densities=dens, js=js, normalize="radius", sigma=sig
+        )
         tag = name.lower().replace(" ", "_")
         res.save(out / f"blocks_{tag}.json")
         res.plot(out / f"blocks_{tag}.png", title=f"{name}: Hessian block spectra")
@@ -190,11 +191,19 @@ def cmd_blocks(args: argparse.Namespace) -> dict:
             "cpu_s": cpu,
             "lambda_max": {b.name: b.lambda_max for b in res.blocks},
         }
-        print(f"{name:12s} blocks={len(res.blocks):3d} JS raw={res.mean_js:.3f} "
-              f"radius={res_r.mean_js:.3f} cpu={cpu:.0f}s", flush=True)
-    rows["meta"] = {"lm_test_loss": w.loss(), "cnn_test_accuracy": cnn_acc,
-                    "lm_sequences": args.lm_sequences, "cnn_images": args.cnn_images,
-                    "probes": args.probes, "steps": args.steps}
+        print(
+            f"{name:12s} blocks={len(res.blocks):3d} JS raw={res.mean_js:.3f} "
+            f"radius={res_r.mean_js:.3f} cpu={cpu:.0f}s",
+            flush=True,
+        )
+    rows["meta"] = {
+        "lm_test_loss": w.loss(),
+        "cnn_test_accuracy": cnn_acc,
+        "lm_sequences": args.lm_sequences,
+        "cnn_images": args.cnn_images,
+        "probes": args.probes,
+        "steps": args.steps,
+    }
     return rows
 
 
@@ -202,7 +211,7 @@ def perplexity(model: torch.nn.Module, data: tuple) -> float:
     import math
 
     with torch.no_grad():
-        return math.exp(float(lm_data.TokenCrossEntropy()(model(data[0]), data[1])))
+        return math.exp(float(lm_data.lm_loss()(model(data[0]), data[1])))
 
 
 def cmd_compress(args: argparse.Namespace) -> dict:
@@ -233,7 +242,8 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         m = copy.deepcopy(w.model)
         t = time.thread_time()
         try:
-            compress.prune(m, w.loss_fn, prune_data, args.sparsity, method=method)
+            kw = {"curvature": args.prune_curvature} if method == "obs" else {}
+            compress.prune(m, w.loss_fn, prune_data, args.sparsity, method=method, **kw)
         except Exception as e:  # report what the public API refuses, do not hide it
             rows[f"prune {args.sparsity:g} {method}"] = {"error": f"{type(e).__name__}: {e}"}
             print(rows[f"prune {args.sparsity:g} {method}"], flush=True)
@@ -245,11 +255,15 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         }
         print(rows[f"prune {args.sparsity:g} {method}"], flush=True)
     f = rows["float"]["ppl"]
-    for k, r in rows.items():
+    for r in rows.values():
         if "ppl" in r:
             r["vs_float"] = r["ppl"] / f - 1.0
-    rows["meta"] = {"compressed": refs, "calib_sequences": args.calib,
-                    "prune_calib_sequences": args.prune_calib}
+    rows["meta"] = {
+        "compressed": refs,
+        "calib_sequences": args.calib,
+        "prune_calib_sequences": args.prune_calib,
+        "prune_curvature": args.prune_curvature,
+    }
     return rows
 
 
@@ -270,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("compress")
     q.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     q.add_argument("--calib", type=int, default=128, help="calibration training sequences")
-    q.add_argument("--prune-calib", type=int, default=16)
+    q.add_argument("--prune-calib", type=int, default=64)
+    q.add_argument(
+        "--prune-curvature",
+        default="fisher",
+        help="OBS blocks: 'fisher' (empirical, per sequence) or 'ggn' (exact; N*T*V rows: slow)",
+    )
     q.add_argument("--sparsity", type=float, default=0.5)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -279,8 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             print("warning: the shipped corpus was built from CPython 3.11", file=sys.stderr)
         result = build_corpus(args.dir)
     else:
-        result = {"weights": cmd_weights, "workload": cmd_workload, "blocks": cmd_blocks,
-                  "compress": cmd_compress}[args.cmd](args)
+        result = {
+            "weights": cmd_weights,
+            "workload": cmd_workload,
+            "blocks": cmd_blocks,
+            "compress": cmd_compress,
+        }[args.cmd](args)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

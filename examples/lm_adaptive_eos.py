@@ -34,12 +34,12 @@ import torch
 
 import hesse
 from hesse.analysis import EdgeOfStabilityWarning
-from hesse.data.lm import CausalTransformer, TokenCrossEntropy, lm_corpus, lm_sequences
+from hesse.data.lm import CausalTransformer, lm_corpus, lm_loss, lm_sequences
 
 
 def run(lr: float, X, y, args) -> tuple[hesse.SharpnessTracker, float]:
     model = CausalTransformer(seed=args.seed).eval()
-    loss_fn = TokenCrossEntropy()
+    loss_fn = lm_loss()
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(args.beta1, 0.999), eps=args.eps)
     tracker = hesse.SharpnessTracker(
         model,
@@ -103,8 +103,10 @@ def main(argv=None) -> int:
     factor = (2 + 2 * args.beta1) / (1 - args.beta1)
 
     runs, summary = {}, []
-    print(f"{'lr':>8} {'limit':>8} {'max ratio':>9} {'2nd-half mean':>13} {'std':>6} "
-          f"{'edge?':>6} {'target':>7} {'HVP/check':>9} {'loss':>7} {'cpu s':>6}")
+    print(
+        f"{'lr':>8} {'limit':>8} {'max ratio':>9} {'2nd-half mean':>13} {'std':>6} "
+        f"{'edge?':>6} {'target':>7} {'HVP/check':>9} {'loss':>7} {'cpu s':>6}"
+    )
     for lr in args.lrs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EdgeOfStabilityWarning)
@@ -114,11 +116,14 @@ def main(argv=None) -> int:
         summary.append(row)
         runs[f"lr={lr:g}"] = tracker
         tag = "-" if row["target_met"] is None else ("PASS" if row["target_met"] else "FAIL")
-        print(f"{lr:8.0e} {factor / lr:8.0f} {row['max_ratio']:9.3f} "
-              f"{row['second_half_mean_ratio']:13.3f} {row['second_half_std_ratio']:6.3f} "
-              f"{str(row['reached_edge']):>6} {tag:>7} "
-              f"{row['mean_hvps_per_check_after_first']:9.2f} {row['final_loss']:7.3f} "
-              f"{secs:6.0f}", flush=True)
+        print(
+            f"{lr:8.0e} {factor / lr:8.0f} {row['max_ratio']:9.3f} "
+            f"{row['second_half_mean_ratio']:13.3f} {row['second_half_std_ratio']:6.3f} "
+            f"{str(row['reached_edge']):>6} {tag:>7} "
+            f"{row['mean_hvps_per_check_after_first']:9.2f} {row['final_loss']:7.3f} "
+            f"{secs:6.0f}",
+            flush=True,
+        )
     (out / "lm_adaptive_eos.json").write_text(
         json.dumps({"args": vars(args), "runs": summary}, indent=1)
     )
@@ -136,8 +141,10 @@ def main(argv=None) -> int:
     except ImportError:
         print("matplotlib not installed: no plot")
     ok = all(r["target_met"] for r in summary if r["reached_edge"])
-    print("target (second-half mean of lr*lambda(P^-1 H)/38 within 1.0 +- 0.1 at the edge):",
-          "MET" if ok and any(r["reached_edge"] for r in summary) else "MISSED")
+    print(
+        "target (second-half mean of lr*lambda(P^-1 H)/38 within 1.0 +- 0.1 at the edge):",
+        "MET" if ok and any(r["reached_edge"] for r in summary) else "MISSED",
+    )
     return 0
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import hesse
 from hesse.analysis import block_spectra, js_distance
-from hesse.data.lm import CausalTransformer, LMConfig, TokenCrossEntropy, lm_corpus, lm_sequences
+from hesse.data.lm import CausalTransformer, LMConfig, lm_corpus, lm_loss, lm_sequences
 
 
 def gen(seed=0):
@@ -80,7 +80,7 @@ def _tiny_lm():
 
 def test_lm_blocks_against_dense_eigvalsh(tmp_path):
     model, data = _tiny_lm()
-    op = hesse.HessianOperator(model, TokenCrossEntropy(), data)
+    op = hesse.HessianOperator(model, lm_loss(), data)
     blocks = {
         "pos": "pos.weight",
         "v": ["blocks.0.attn.v.weight"],
@@ -89,7 +89,7 @@ def test_lm_blocks_against_dense_eigvalsh(tmp_path):
     res = block_spectra(op, blocks=blocks, trace_matvecs=40, generator=gen(1))
     assert res.names == ["pos", "v", "mlp"]
     assert res.blocks[2].params == ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight")
-    H = hesse.HessianOperator(model, TokenCrossEntropy(), data).to_dense()
+    H = hesse.HessianOperator(model, lm_loss(), data).to_dense()
     sl = op.param_slices()
     for blk in res.blocks:
         idx = torch.cat([torch.arange(sl[p].start, sl[p].stop) for p in blk.params])
@@ -110,7 +110,7 @@ def test_lm_blocks_against_dense_eigvalsh(tmp_path):
 
 def test_model_entry_default_blocks_and_errors():
     model, data = _tiny_lm()
-    res = block_spectra(model, TokenCrossEntropy(), data, num_steps=8, generator=gen())
+    res = block_spectra(model, lm_loss(), data, num_steps=8, generator=gen())
     # default: every parameter with ndim >= 2 (embeddings and weight matrices)
     expected = [n for n, p in model.named_parameters() if p.ndim >= 2]
     assert res.names == expected
@@ -124,4 +124,4 @@ def test_model_entry_default_blocks_and_errors():
     with pytest.raises(ValueError, match="at least 2"):
         block_spectra(torch.eye(4), blocks={"a": slice(0, 1)})
     with pytest.raises(ValueError, match="No parameter or module"):
-        block_spectra(model, TokenCrossEntropy(), data, blocks=["nope"])
+        block_spectra(model, lm_loss(), data, blocks=["nope"])

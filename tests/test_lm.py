@@ -5,15 +5,16 @@ import pytest
 import torch
 from torch import nn
 
+import hesse
 from hesse.data import LMWorkload, Workload, lm_workload
 from hesse.data.lm import (
     VOCAB,
     CausalTransformer,
     LMConfig,
-    TokenCrossEntropy,
     decode,
     encode,
     lm_corpus,
+    lm_loss,
     lm_sequences,
     load_lm_weights,
     save_lm_weights,
@@ -83,7 +84,13 @@ def test_loss_is_the_token_mean_cross_entropy():
     X, y = tiny_data(3)
     logits = model(X)
     ref = nn.CrossEntropyLoss()(logits.reshape(-1, len(VOCAB)), y.reshape(-1))
-    torch.testing.assert_close(TokenCrossEntropy()(logits, y), ref)
+    torch.testing.assert_close(lm_loss()(logits, y), ref)
+    # hesse sees a likelihood loss: the GGN of the LM exists and is PSD
+    small = CausalTransformer(LMConfig(d_model=4, n_layers=1, n_heads=1, context=4)).double()
+    Xs, ys = lm_sequences(lm_corpus("train")[:40], 4)
+    G = hesse.GGNOperator(small, lm_loss(), (Xs[:3], ys[:3])).to_dense()
+    torch.testing.assert_close(G, G.T)
+    assert float(torch.linalg.eigvalsh(G)[0]) > -1e-10
     # at initialisation the loss is close to ln V (small logits)
     assert abs(float(ref.detach()) - torch.log(torch.tensor(96.0))) < 0.1
 

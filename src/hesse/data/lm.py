@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..func import OutputLoss
 from .digits import Workload
 
 __all__ = [
@@ -41,10 +42,10 @@ __all__ = [
     "CausalTransformer",
     "LMConfig",
     "LMWorkload",
-    "TokenCrossEntropy",
     "decode",
     "encode",
     "lm_corpus",
+    "lm_loss",
     "lm_sequences",
     "lm_workload",
     "train_lm",
@@ -110,18 +111,11 @@ def unigram_loss(
     return float(-logp[eval_targets.reshape(-1)].mean())
 
 
-class TokenCrossEntropy(nn.Module):
-    """Mean cross-entropy over all tokens of ``(B, T, V)`` logits and ``(B, T)`` targets.
-
-    Equal to ``nn.CrossEntropyLoss()(logits.reshape(-1, V), y.reshape(-1))``; with sequences
-    of equal length the per-sequence mean of :class:`hesse.Objective` is exactly the token
-    mean.
-    """
-
-    reduction = "mean"
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+def lm_loss() -> OutputLoss:
+    """The LM loss: mean cross-entropy (nats/token) of ``(B, T, V)`` logits against ``(B, T)``
+    next-character targets, i.e. ``hesse.func.OutputLoss("ce", class_dim=-1)`` (the mean is
+    over all target tokens of the data set in :class:`hesse.Objective`)."""
+    return OutputLoss("ce", class_dim=-1)
 
 
 @dataclass(frozen=True)
@@ -274,7 +268,7 @@ def train_lm(
         return 0.1 + 0.45 * (1.0 + math.cos(math.pi * c))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    loss_fn = TokenCrossEntropy()
+    loss_fn = lm_loss()
     history = []
     model.train()
     for _ in range(steps):
@@ -335,7 +329,7 @@ def lm_workload(
 
     Returns:
         An :class:`LMWorkload` ``(model, loss_fn, train, test, name)`` with
-        ``loss_fn = TokenCrossEntropy()`` (mean nats/token over ``(B, T, V)`` logits).
+        ``loss_fn = lm_loss()`` (mean nats/token over ``(B, T, V)`` logits).
     """
     if pretrained:
         if config is not None or seed != 0 or steps != 1200:
@@ -361,7 +355,7 @@ def lm_workload(
     name = f"lm-transformer-d{cfg.d_model}-l{cfg.n_layers}-h{cfg.n_heads}-t{ctx}"
     return LMWorkload(
         model,
-        TokenCrossEntropy(),
+        lm_loss(),
         (Xtr[:num_train], ytr[:num_train]),
         (Xte[:num_test], yte[:num_test]),
         name,
