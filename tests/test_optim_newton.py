@@ -128,9 +128,11 @@ def test_graph_hvp_operator_matches_dense_hessian():
         return loss
 
     ev = evaluate(closure, params, create_graph=True)
-    op = GradHVPOperator(ParamVector(params), ev.graph_grads)
+    op = GradHVPOperator.from_evaluation(ParamVector(params), ev)
     n = op.shape[0]
     H = op.matmat(torch.eye(n, dtype=D))
+    cols = torch.stack([op.matvec(e) for e in torch.eye(n, dtype=D)], dim=1)
+    torch.testing.assert_close(cols, H, rtol=1e-10, atol=1e-12)
     ref = dense_hessian(model, loss_fn, (X, y))
     torch.testing.assert_close(H, ref, rtol=1e-8, atol=1e-10)
     assert torch.autograd.backward.__name__ == "backward"  # the patch was undone
@@ -150,6 +152,7 @@ def test_ggn_operator_matches_dense_ggn():
     ev = evaluate(closure, params, retain_graph=True)
     op = GGNProductOperator(ParamVector(params), ev.graph_loss, ev.outputs)
     G = op.matmat(torch.eye(op.shape[0], dtype=D))
+    torch.testing.assert_close(op.matvec(G[:, 0] * 0 + 1), G.sum(1), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(G, dense_ggn(model, loss_fn, (X, y)), rtol=1e-8, atol=1e-10)
 
 
