@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .._checks import NonFiniteError, check_positive
@@ -37,6 +37,7 @@ __all__ = [
     "check_optimizer_params",
     "check_state_dict",
     "Rollback",
+    "params_and_model",
 ]
 
 COUNTERS = ("iterations", "func_evals", "grad_evals", "hvps", "restarts")
@@ -63,6 +64,29 @@ def check_optimizer_params(params: Sequence[Tensor], owner: str) -> None:
                 f"values, so {owner} cannot step it. Materialise the model first, e.g. "
                 "model.to_empty(device='cpu') and initialise or load its weights."
             )
+
+
+def params_and_model(params: Any, model: Any, owner: str) -> tuple[Any, nn.Module]:
+    """Resolve the params-first signature of optimizers that also need the model.
+
+    ``Opt(params, ..., model=model)`` optimises ``params`` (which must belong to ``model``);
+    ``Opt(model, ...)`` is shorthand for all trainable parameters of ``model``.
+    """
+    if isinstance(params, nn.Module):
+        if model is not None and model is not params:
+            raise ValueError(f"{owner} got a model both as params and as model=; pass it once.")
+        model = params
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("The model has no parameters that require grad.")
+    elif model is None:
+        raise TypeError(
+            f"{owner} needs the model: {owner}(model.parameters(), model=model, loss_fn=loss_fn) "
+            f"(or {owner}(model, loss_fn) for all its trainable parameters)."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    return params, model
 
 
 def check_state_dict(

@@ -29,7 +29,7 @@ from torch import Tensor
 from .._checks import NonFiniteError, warn_once
 from ..objective import math_attention
 
-__all__ = ["Evaluation", "evaluate", "graph_mode", "loss_only"]
+__all__ = ["Evaluation", "closure_loss", "evaluate", "graph_mode", "loss_only"]
 
 
 class _GraphContext:
@@ -166,6 +166,25 @@ def loss_only(closure: Callable[[], Any]) -> float:
     loss, _ = _unpack(ret)
     f = float(loss)
     return f if math.isfinite(f) else math.inf
+
+
+def closure_loss(closure: Callable[[], Any] | None) -> Tensor | None:
+    """Run an optional torch-style closure (first-order style: it fills ``p.grad``).
+
+    Returns its loss, detached, or ``None`` without a closure; a non-finite loss raises
+    :class:`~hesse.NonFiniteError` before the optimizer touches anything.
+    """
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        loss, _ = _unpack(closure())
+    loss = loss.detach()
+    if not bool(torch.isfinite(loss).all()):
+        raise NonFiniteError(
+            f"The closure returned a non-finite loss ({float(loss)}); parameters and optimizer "
+            "state are unchanged."
+        )
+    return loss
 
 
 def evaluate(
