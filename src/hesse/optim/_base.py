@@ -132,6 +132,16 @@ def check_state_dict(
             )
 
 
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
 class Rollback:
     """Undo what a failed step touched: parameters, one state dict level, generator states.
 
@@ -230,7 +240,7 @@ class SecondOrderOptimizer(Optimizer):
         check_positive(defaults.get("lr", 1.0), "lr")
         super().__init__(params, defaults)
         all_params = [p for g in self.param_groups for p in g["params"]]
-        check_optimizer_params(all_params, f"The optimizer {type(self).__name__}")
+        check_optimizer_params(all_params, type(self).__name__)
         for g in self.param_groups:
             check_positive(g["lr"], "lr")
             self._validate(g)
@@ -257,7 +267,14 @@ class SecondOrderOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_dict(self, state_dict, ("state", "param_groups"), self.defaults)
         state_dict = {k: v for k, v in state_dict.items() if k != STATE_TAG}
+        # all state lives on the anchor; keep its dtypes (torch would cast them to the
+        # anchor's dtype, e.g. float32 work vectors of a float16 model)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        pos = [i for i, p in enumerate(self._vec.params) if p is self._anchor][0]
+        saved = state_dict["state"].get(ids[pos]) if pos < len(ids) else None
         super().load_state_dict(state_dict)
+        if saved is not None:
+            self.state[self._anchor] = _to_device(saved, self._vec.device)
         self._versions = None  # cached evaluations belong to the state before loading
         self._graph_cache = None
         self._closure_owner = None

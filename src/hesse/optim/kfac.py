@@ -31,8 +31,6 @@ from .._checks import (
     check_positive,
 )
 from ..func import loss_kind, reduction_scale
-from ._base import STATE_TAG, check_optimizer_params, check_state_dict, params_and_model
-from ._closure import closure_loss
 from ..operators.kfac import (
     FISHER_KINDS,
     UNSUPPORTED_POLICIES,
@@ -41,6 +39,8 @@ from ..operators.kfac import (
     find_kfac_layers,
     output_gradient_factors,
 )
+from ._base import STATE_TAG, check_optimizer_params, check_state_dict, params_and_model
+from ._closure import closure_loss
 
 __all__ = ["KFAC", "KFACPreconditioner"]
 
@@ -314,12 +314,17 @@ class KFACPreconditioner:
     def check_finite(self) -> None:
         """Raise :class:`~hesse.NonFiniteError` (after :meth:`discard_pending`) if a gradient
         of a factored layer or a statistic recorded since the last step is not finite."""
+
+        def finite(t: Tensor | None) -> bool:
+            return t is None or bool(torch.isfinite(t).all())
+
         bad = [
             layer.name or "<root>"
             for i, layer in enumerate(self.layers)
-            if any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in layer.params)
-            or any(t is not None and not bool(torch.isfinite(t).all()) for t in (self._A_sum[i], self._G_sum[i]))
-        ]  # fmt: skip
+            if not all(
+                finite(t) for t in [p.grad for p in layer.params] + [self._A_sum[i], self._G_sum[i]]
+            )
+        ]
         if bad:
             self.discard_pending()
             raise NonFiniteError(

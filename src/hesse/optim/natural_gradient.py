@@ -96,7 +96,9 @@ class NaturalGradient(Optimizer):
     ):
         params, model = params_and_model(params, model, "NaturalGradient")
         if loss_fn is None:
-            raise TypeError("NaturalGradient needs loss_fn= (the likelihood loss the closure calls).")
+            raise TypeError(
+                "NaturalGradient needs loss_fn= (the likelihood loss the closure calls)."
+            )
         if not isinstance(loss_fn, nn.Module):
             raise TypeError(
                 "loss_fn must be an nn.Module (nn.MSELoss, nn.CrossEntropyLoss, "
