@@ -52,6 +52,7 @@ from .operators import (
     aslinearoperator,
     hessian_of,
 )
+from .report import load_report
 
 __all__ = [
     "CGResult",
@@ -85,6 +86,7 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "layer_max_stable_lr",
+    "load_report",
     "max_stable_lr",
     "minres_solve",
     "power_iteration",
