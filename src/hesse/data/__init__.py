@@ -1,8 +1,9 @@
 """The embedded workloads: what ``hesse`` analyses when given no model.
 
 ``workload(name)`` builds one by name (``hesse analyze --workload NAME``). Adding a workload is
-one entry in ``WORKLOADS``: ``"name": "module:factory"``, the factory returning a
-:class:`Workload` (model, loss, train/test data, name); it is imported only when asked for.
+one entry in ``WORKLOADS``: ``"name": "module:factory"``, the factory taking keyword arguments
+(``seed=``, ``dtype=``, ...) and returning a :class:`Workload` (model, loss, train/test data,
+name); it is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ import importlib
 from typing import Any
 
 from .digits import Workload, default_workload, load_digits_tensors, make_mlp, train_full_batch
+from .lm import LMWorkload, lm_workload
 
 __all__ = [
     "WORKLOADS",
+    "LMWorkload",
     "Workload",
     "default_workload",
+    "lm_workload",
     "load_digits_tensors",
     "make_mlp",
     "train_full_batch",
     "workload",
 ]
 
-# name -> "module:factory"; the factory takes keyword arguments (seed=, dtype=, ...) and
-# returns a Workload
+# name -> "module:factory"
 WORKLOADS: dict[str, str] = {
     "digits": "hesse.data.digits:default_workload",
+    "lm": "hesse.data.lm:lm_workload",
 }
 
 
