@@ -38,9 +38,18 @@ from ..analysis.critical import (
 )
 from ..analysis.landscape import loss_slice
 from ..linalg import spectral_density, top_eigenpairs, trace
+from ..operators.factory import CURVATURES, curvature_operator
 from ._serialize import pack, unpack
 
-__all__ = ["SCHEMA_VERSION", "STAGES", "AnalysisReport", "TrackerHistory", "analyze", "load_report"]
+__all__ = [
+    "CURVATURES",
+    "SCHEMA_VERSION",
+    "STAGES",
+    "AnalysisReport",
+    "TrackerHistory",
+    "analyze",
+    "load_report",
+]
 
 SCHEMA_VERSION = "hesse.analyze/1"
 STAGES = ("top_eigenpairs", "lambda_min", "spectral_density", "trace", "per_layer", "loss_slice")
@@ -54,25 +63,8 @@ def _f(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-CURVATURES = ("hessian", "ggn", "fisher_exact", "fisher_mc", "fisher_empirical")
-
-
 def _curvature_operator(curvature: str, model: nn.Module, loss_fn: Callable, data: Any, **kw):
-    try:  # the factory of hesse.operators when present
-        from ..operators import curvature_operator
-    except ImportError:
-        from ..operators.curvature import FisherOperator, GGNOperator, HessianOperator
-
-        if curvature not in CURVATURES:
-            raise ValueError(
-                f"Invalid curvature={curvature!r}; expected one of {list(CURVATURES)}."
-            ) from None
-        if curvature.startswith("fisher_"):
-            return FisherOperator(model, loss_fn, data, kind=curvature[7:], **kw)
-        return {"hessian": HessianOperator, "ggn": GGNOperator}[curvature](
-            model, loss_fn, data, **kw
-        )
-    return curvature_operator(model, loss_fn, data, curvature=curvature, **kw)
+    return curvature_operator(curvature, model, loss_fn, data, **kw)
 
 
 @dataclass
