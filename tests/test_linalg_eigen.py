@@ -330,7 +330,9 @@ def _clustered(n: int, seed: int, repeats: bool) -> torch.Tensor:
     g = gen(seed + 7)
     centers = torch.tensor([1.0, 0.8, 0.6], dtype=torch.float64)
     spread = torch.tensor([0.0, 0.02, 0.04, 0.06], dtype=torch.float64).repeat(3)
-    top = centers.repeat_interleave(4) - spread * (1 + torch.rand(12, generator=g, dtype=torch.float64))
+    top = centers.repeat_interleave(4) - spread * (
+        1 + torch.rand(12, generator=g, dtype=torch.float64)
+    )
     if repeats:
         top[1] = top[0]  # an exact double eigenvalue
     bulk = 0.5 * torch.rand(n - 12, generator=g, dtype=torch.float64)

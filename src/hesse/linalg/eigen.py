@@ -69,9 +69,7 @@ def _keep(j: int, which: str, p: int) -> list[int]:
     return sorted(set(range(lo)) | set(range(j - (p - lo), j)))
 
 
-def _separated(
-    theta: Tensor, res: Tensor, want: list[int], nb: list[int], bound: Tensor
-) -> bool:
+def _separated(theta: Tensor, res: Tensor, want: list[int], nb: list[int], bound: Tensor) -> bool:
     """Whether the wanted Ritz values are separated from the unconverged rest.
 
     An eigenvalue still missing from the wanted set (its direction barely present in the
