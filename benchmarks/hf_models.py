@@ -32,9 +32,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from tests.hf_cases import HF_CASES, Reference  # noqa: E402
+
 import hesse  # noqa: E402
 from hesse.objective import math_attention  # noqa: E402
-from tests.hf_cases import HF_CASES, Reference  # noqa: E402
 
 
 def fisher_by_definition(ref: Reference, causal: bool) -> torch.Tensor:
