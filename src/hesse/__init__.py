@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import compress as compress
 from ._checks import NonFiniteError
+from .analysis.blocks import BlockSpectra, block_spectra
 from .analysis.critical import (
     classify_critical_point,
     layer_max_stable_lr,
@@ -50,10 +51,12 @@ from .operators import (
     LinearOperator,
     LowRankOperator,
     aslinearoperator,
+    curvature_operator,
     hessian_of,
 )
 
 __all__ = [
+    "BlockSpectra",
     "CGResult",
     "CurvatureOperator",
     "DenseOperator",
@@ -75,9 +78,11 @@ __all__ = [
     "TraceResult",
     "__version__",
     "aslinearoperator",
+    "block_spectra",
     "cg_solve",
     "classify_critical_point",
     "compress",
+    "curvature_operator",
     "estimate",
     "exact_diagonal",
     "hessian_of",

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_finite, check_int, check_nonnegative, warn_once
-from ..func import loss_kind, output_grad_unreduced, reduction_scale, sample_targets
+from ..func import loss_kind, output_grad_unreduced, sample_targets
 from .base import LinearOperator
 from .curvature import CurvatureOperator
 
@@ -485,7 +485,7 @@ class KFACOperator(CurvatureOperator):
         for X, y, w in ob.batches():
             with torch.enable_grad(), ob.mode(), _Recorder(self.layers) as rec:
                 f = ob.forward(X)
-                c = w * reduction_scale(self.loss_kind, ob.reduction, f)
+                c = w  # weight of the batch's sum loss (Objective.batches)
                 for i, layer in enumerate(self.layers):
                     for x in rec.inputs.get(i, []):
                         s, m = layer.a_sum(x)
