@@ -28,9 +28,11 @@ from ..func import loss_kind, reduction_scale
 from ..operators.kfac import (
     FISHER_KINDS,
     UNSUPPORTED_POLICIES,
+    all_uses,
     eigen_factors,
     eigen_solve,
     find_kfac_layers,
+    nearest_kronecker,
     output_gradient_factors,
 )
 
@@ -71,8 +73,10 @@ class KFACPreconditioner:
         p.grad <- D
 
     Args:
-        model: the network; its ``Linear``, ``Conv2d`` and (dense) ``Embedding`` layers are
-            preconditioned. The model's output must be the tensor passed to ``loss_fn``.
+        model: the network; its ``Linear`` (any leading dims), ``Conv1d/2d/3d``, (dense)
+            ``Embedding`` and HF ``Conv1D`` layers are preconditioned, tied weights with the
+            statistics of all their uses (see :func:`hesse.operators.kfac.find_kfac_layers`).
+            The model's output must be the tensor passed to ``loss_fn``.
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` (its
             likelihood defines the Fisher, its ``reduction`` the scale of ``G``).
         fisher: ``"mc"`` (true Fisher, targets sampled from the model, default),
@@ -87,8 +91,9 @@ class KFACPreconditioner:
         factor_update_interval, inverse_update_interval: in steps.
         kl_clip: trust bound on ``lr^2 <D, grad>`` (Ba et al. 2017), or ``None``.
         lr: learning rate used by ``kl_clip`` (set it to the optimizer's).
-        unsupported: ``"raise"`` (default) or ``"skip"`` (plain gradient) for other layers
-            with parameters.
+        unsupported: parameters K-FAC cannot factor (BatchNorm, LayerNorm, RMSNorm, ...):
+            ``"first_order"`` (default, alias ``"skip"``: they keep their plain gradient, one
+            warning names them) or ``"raise"``.
         generator: randomness for ``"mc"`` (default: a fresh private generator).
 
     References:
@@ -111,7 +116,7 @@ class KFACPreconditioner:
         inverse_update_interval: int = 10,
         kl_clip: float | None = None,
         lr: float = 1.0,
-        unsupported: str = "raise",
+        unsupported: str = "first_order",
         generator: torch.Generator | None = None,
     ):
         if not isinstance(model, nn.Module):
@@ -147,13 +152,14 @@ class KFACPreconditioner:
         self.layers, self.skipped = find_kfac_layers(
             model, None, check_choice(unsupported, "unsupported", UNSUPPORTED_POLICIES)
         )
+        self.uses = all_uses(self.layers)
         self.steps = 0
-        self.factors: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        # running averages (A, G) per use; eigendecompositions per layer
+        self.factors: list[tuple[Tensor, Tensor] | None] = [None] * len(self.uses)
         self._eig: list[tuple | None] = [None] * len(self.layers)
         self._reset_pending()
         self._handles = [
-            layer.module.register_forward_hook(self._layer_hook(i))
-            for i, layer in enumerate(self.layers)
+            use.module.register_forward_hook(self._layer_hook(i)) for i, use in enumerate(self.uses)
         ]
         self._handles.append(model.register_forward_hook(self._model_hook))
         if self.fisher == "empirical":
@@ -163,7 +169,7 @@ class KFACPreconditioner:
 
     # -- recording ----------------------------------------------------------------------
     def _reset_pending(self) -> None:
-        L = len(self.layers)
+        L = len(self.uses)
         self._A_sum: list[Tensor | None] = [None] * L
         self._A_count = [0] * L
         self._G_sum: list[Tensor | None] = [None] * L
@@ -174,12 +180,12 @@ class KFACPreconditioner:
         return torch.is_grad_enabled() and self.steps % self.factor_update_interval == 0
 
     def _layer_hook(self, i: int) -> Callable:
-        layer = self.layers[i]
+        use = self.uses[i]
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if not self._recording():
                 return
-            s, m = layer.a_sum(args[0])
+            s, m = use.a_sum(args[0])
             self._A_sum[i] = s if self._A_sum[i] is None else self._A_sum[i] + s
             self._A_count[i] += m
             if isinstance(output, Tensor) and output.requires_grad:
@@ -208,7 +214,7 @@ class KFACPreconditioner:
             )
         c = reduction_scale(self.kind, self.reduction, f)
         gs = output_gradient_factors(
-            self.layers,
+            self.uses,
             outputs,
             f,
             fisher=self.fisher,
@@ -227,7 +233,7 @@ class KFACPreconditioner:
     def update_factors(self) -> None:
         """Fold the statistics recorded since the last call into the running averages."""
         rho = self.factor_decay
-        for i in range(len(self.layers)):
+        for i in range(len(self.uses)):
             if self._A_sum[i] is None or self._G_sum[i] is None:
                 continue
             A = self._A_sum[i] / self._A_count[i]
@@ -239,10 +245,24 @@ class KFACPreconditioner:
                 self.factors[i] = (rho * old[0] + (1 - rho) * A, rho * old[1] + (1 - rho) * G)
         self._reset_pending()
 
+    def _layer_factors(self) -> list[list[tuple[Tensor, Tensor]] | None]:
+        """Per layer the ``(L, R)`` terms of its uses (``None`` until all uses have factors)."""
+        out, i = [], 0
+        for layer in self.layers:
+            fs = self.factors[i : i + len(layer.uses)]
+            i += len(layer.uses)
+            ok = all(f is not None for f in fs)
+            out.append([u.term(*f) for u, f in zip(layer.uses, fs)] if ok else None)
+        return out
+
     @torch.no_grad()
     def update_inverses(self) -> None:
-        """Recompute the eigendecompositions of all factors."""
-        self._eig = [None if f is None else eigen_factors(*f) for f in self.factors]
+        """Recompute the eigendecompositions of all factors (of the nearest Kronecker product
+        of the terms of a tied weight's uses)."""
+        self._eig = [
+            None if t is None else eigen_factors(*nearest_kronecker(t))
+            for t in self._layer_factors()
+        ]
 
     @torch.no_grad()
     def precondition(self) -> Tensor | None:
@@ -257,7 +277,7 @@ class KFACPreconditioner:
             if eig is None or any(p.grad is None for p in params):
                 continue
             grad_mat = layer.to_matrix([p.grad.unsqueeze(0) for p in params])
-            D = eigen_solve(layer, eig, grad_mat, self.damping, factored=factored)
+            D = eigen_solve(eig, grad_mat, self.damping, factored=factored)
             todo.append((layer, D, grad_mat))
         nu = None
         if self.kl_clip is not None and todo:
@@ -289,7 +309,7 @@ class KFACPreconditioner:
         if self.steps % self.factor_update_interval == 0:
             self.update_factors()
         if self.steps % self.inverse_update_interval == 0 or any(
-            e is None and f is not None for e, f in zip(self._eig, self.factors)
+            e is None and f is not None for e, f in zip(self._eig, self._layer_factors())
         ):
             self.update_inverses()
         nu = self.precondition()
@@ -311,10 +331,10 @@ class KFACPreconditioner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["factors"]) != len(self.layers):
+        if len(state["factors"]) != len(self.uses) or len(state["eig"]) != len(self.layers):
             raise ValueError(
-                f"State holds {len(state['factors'])} K-FAC layers, the model has "
-                f"{len(self.layers)}."
+                f"State holds {len(state['factors'])} K-FAC layer uses and {len(state['eig'])} "
+                f"layers, the model has {len(self.uses)} and {len(self.layers)}."
             )
         self.steps = int(state["steps"])
         self.factors = [
@@ -336,7 +356,7 @@ class KFACPreconditioner:
         self._handles.clear()
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{layer.name or '<root>'}:{layer.kind}" for layer in self.layers)
+        names = ", ".join(f"{u.name or '<root>'}:{u.kind}" for u in self.uses)
         return f"KFACPreconditioner(fisher={self.fisher!r}, layers=[{names}])"
 
 
