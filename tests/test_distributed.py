@@ -110,6 +110,23 @@ def _worker(rank: int, store: str, out: str) -> None:
             res["bad_vector"] = "accepted"
         except ValueError as e:
             res["bad_vector"] = str(e)
+        # Parameters changed after the first product: identically on every rank (the cached
+        # graphs are rebuilt everywhere), then through p.data on one rank only (a clear error
+        # on every rank, not a collective that only one rank joins).
+        m2 = _problem()[0]
+        H = hesse.HessianOperator(m2, nn.CrossEntropyLoss(), data)
+        v = torch.ones(H.shape[1], dtype=torch.float64)
+        H @ v
+        m2[0].weight.data.mul_(1.5)
+        res["changed_Hv"] = H @ v
+        res["fresh_Hv"] = hesse.HessianOperator(m2, nn.CrossEntropyLoss(), data) @ v
+        if rank == 1:
+            m2[2].bias.data.add_(1e-3)
+        try:
+            H @ v
+            res["drift"] = "accepted"
+        except ValueError as e:
+            res["drift"] = str(e)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -204,3 +221,11 @@ def test_mismatch_refused_on_every_rank(two_ranks):
     for r in two_ranks:
         assert "differ between ranks" in r["bad_params"]
         assert "generator" in r["bad_vector"]
+        # a p.data write on one rank after the first product: the same clear error everywhere
+        assert "parameters differ between ranks" in r["drift"]
+
+
+def test_parameter_change_on_every_rank_rebuilds(two_ranks):
+    for r in two_ranks:
+        assert torch.equal(r["changed_Hv"], r["fresh_Hv"])
+    assert torch.equal(two_ranks[0]["changed_Hv"], two_ranks[1]["changed_Hv"])

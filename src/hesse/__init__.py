@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import compress as compress
 from ._checks import NonFiniteError
+from .analysis.blocks import BlockSpectra, block_spectra
 from .analysis.critical import (
     classify_critical_point,
     layer_max_stable_lr,
@@ -54,6 +55,7 @@ from .operators import (
 )
 
 __all__ = [
+    "BlockSpectra",
     "CGResult",
     "CurvatureOperator",
     "DenseOperator",
@@ -75,6 +77,7 @@ __all__ = [
     "TraceResult",
     "__version__",
     "aslinearoperator",
+    "block_spectra",
     "cg_solve",
     "classify_critical_point",
     "compress",

@@ -1,5 +1,6 @@
 """Analyses composed from operators and linalg results (never re-implementing algorithms)."""
 
+from .blocks import BlockSpectra, BlockSpectrum, block_spectra, js_distance
 from .critical import (
     CriticalPoint,
     LRBound,
@@ -42,6 +43,10 @@ from .tracker import (
 )
 
 __all__: list[str] = [
+    "BlockSpectra",
+    "BlockSpectrum",
+    "block_spectra",
+    "js_distance",
     "CriticalPoint",
     "LRBound",
     "SpectrumSummary",

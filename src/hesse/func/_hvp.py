@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -53,6 +52,44 @@ def hvp(
     return dict(zip(leaves, out))
 
 
+# Below this many saved elements in the double-backward graph (and on CPU), one vmapped
+# backward over a block beats a backward per column: the graph is so small that per-pass
+# overhead dominates. Above it vmap loses 1.1-2x (it copies the batched matmul operands).
+# Measured on digits MLPs/CNNs (benchmarks/README.md, "blocks"): batched wins by 1.5-2x at
+# <= 1.1e5 saved elements and k >= 4, and is at best even from ~1.3e5 on.
+_BATCHED_MAX_SAVED = 110_000
+_BATCHED_MIN_K = 4
+
+
+def _saved_numel(roots: Sequence[Tensor], limit: int) -> int:
+    """Elements of the tensors the autograd graph of ``roots`` saved (stops past ``limit``).
+
+    A deterministic size of the work of one backward pass through a cached graph, read from
+    the graph's nodes once (never from timing).
+    """
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    seen: set = set()
+    total = 0
+    while stack and total <= limit:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        for name in dir(f):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                v = getattr(f, name)
+            except RuntimeError:  # freed or inaccessible buffer
+                continue
+            if isinstance(v, Tensor):
+                total += v.numel()
+            elif isinstance(v, (tuple, list)):
+                total += sum(t.numel() for t in v if isinstance(t, Tensor))
+        stack.extend(nf for nf, _ in f.next_functions)
+    return total
+
+
 class GradGraph:
     """A cached ``create_graph`` gradient of ``loss`` w.r.t. ``params``, for repeated products.
 
@@ -71,57 +108,58 @@ class GradGraph:
         self._live = [g.requires_grad for g in self.grads]
         self._live_idx = [i for i, ok in enumerate(self._live) if ok]
         self._live_grads = [self.grads[i] for i in self._live_idx]
-        self._strategy: str | None = None  # "batched" | "loop", chosen by timing (see hmp)
-        self._timing: dict[str, list[float]] = {"batched": [], "loop": []}
-        self._warm = False
+        self._all_live = len(self._live_idx) == len(self.params)
+        self._batched_ok: bool | None = None  # decided once from the graph's size (see hmp)
 
     def hvp(self, v: Sequence[Tensor]) -> list[Tensor]:
         """``H v`` for one direction given as a list of tensors shaped like ``params``."""
-        return self._backward(list(v), batched=False)
+        return self._backward(v, batched=False)
+
+    def batched_wins(self) -> bool:
+        """Whether :meth:`hmp` uses one vmapped backward for blocks of ``k >= 4``.
+
+        Decided once per graph from its shapes, never from timing, so the same call gives
+        bit-identical results on every run: on CUDA always (one launch per kernel instead of
+        ``k``); on CPU when the double-backward graph saved at most ``1.1e5`` elements.
+        """
+        if self._batched_ok is None:
+            dev = self.params[0].device if self.params else torch.device("cpu")
+            self._batched_ok = dev.type != "cpu" or (
+                _saved_numel(self._live_grads, _BATCHED_MAX_SAVED) <= _BATCHED_MAX_SAVED
+            )
+        return self._batched_ok
 
     def hmp(self, V: Sequence[Tensor]) -> list[Tensor]:
         """``H V`` for ``k`` directions at once: each tensor is ``(k, *param.shape)``.
 
         Either one vmapped backward pass over the cached graph (``is_grads_batched``) or one
-        backward pass per column, whichever is faster for this graph: vmap wins by up to 6x
-        on small graphs (per-call overhead) but loses ~1.5x on large ones (it copies every
-        batched matmul operand). After one warm-up block, two blocks are timed each way
-        (alternating) and the strategy with the faster best time is kept.
+        backward pass per column. The choice depends only on ``k`` and the graph's shapes
+        (:meth:`batched_wins`): vmap wins by up to 2-3x on small graphs (per-pass overhead)
+        but loses up to 2x on large ones (it copies every batched matmul operand).
         """
-        V = list(V)
         k = V[0].shape[0]
         if k == 1:
-            return [t.unsqueeze(0) for t in self.hvp([v[0] for v in V])]
-        # call 1: batched, untimed (warm-up of the graph's buffers); calls 2-5 alternate
-        # batched / per column, timed; then keep the one with the faster best time.
-        strategy = self._strategy or (
-            "batched" if len(self._timing["loop"]) >= len(self._timing["batched"]) else "loop"
-        )
-        start = time.perf_counter()
-        if strategy == "batched":
-            out = self._backward(V, batched=True)
-        else:
-            cols = [self.hvp([v[j] for v in V]) for j in range(k)]
-            out = [torch.stack(parts) for parts in zip(*cols)]
-        if self._strategy is None:
-            if not self._warm:
-                self._warm = True
-                return out
-            self._timing[strategy].append((time.perf_counter() - start) / k)
-            if len(self._timing["loop"]) == 2:
-                self._strategy = min(self._timing, key=lambda s: min(self._timing[s]))
+            return [t.unsqueeze(0) for t in self._backward([v[0] for v in V], batched=False)]
+        if k >= _BATCHED_MIN_K and self.batched_wins():
+            return self._backward(V, batched=True)
+        out = [torch.empty_like(v) for v in V]
+        for j in range(k):
+            for o, r in zip(out, self._backward([v[j] for v in V], batched=False)):
+                o[j] = r
         return out
 
-    def _backward(self, v: list[Tensor], batched: bool) -> list[Tensor]:
+    def _backward(self, v: Sequence[Tensor], batched: bool) -> list[Tensor]:
         live = self._live_idx
         if not live:
             return [torch.zeros_like(t) for t in v]
         res = torch.autograd.grad(
             self._live_grads,
             self.params,
-            [v[i] for i in live],
+            v if self._all_live else [v[i] for i in live],
             retain_graph=True,
             allow_unused=True,
             is_grads_batched=batched,
         )
+        if self._all_live and all(r is not None for r in res):
+            return list(res)
         return [torch.zeros_like(t) if r is None else r for t, r in zip(v, res)]

@@ -31,12 +31,11 @@ def unravel(vec: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def unravel_block(V: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
     """Split a block ``(n, k)`` into tensors of shape ``(k, *shape)`` (one per parameter)."""
-    out, i = [], 0
-    for s in shapes:
-        m = s.numel()
-        out.append(V[i : i + m].T.reshape((V.shape[1], *s)))
-        i += m
-    return out
+    k = V.shape[1]
+    sizes = [s.numel() for s in shapes]
+    if k == 1:  # views of the column, no copy
+        return [p.view(1, *s) for p, s in zip(V.reshape(-1).split(sizes), shapes)]
+    return [p.reshape(k, *s) for p, s in zip(V.T.split(sizes, 1), shapes)]
 
 
 def ravel_block(parts: Sequence[Tensor], k: int) -> Tensor:

@@ -46,6 +46,12 @@ from ..func._ravel import ravel_block, unravel_block
 from ..objective import Objective
 from .base import LinearOperator
 
+_VECTORS_DIFFER = (
+    "The vectors multiplied differ between ranks. Under torch.distributed every rank must run "
+    "the same algorithm on the same vectors: pass the same generator seed on every rank "
+    "(e.g. generator=torch.Generator().manual_seed(0)), never None."
+)
+
 __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "SubOperator"]
 
 
@@ -144,19 +150,25 @@ class CurvatureOperator(LinearOperator):
     def _batch_product(self, cache: Any, parts: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError  # pragma: no cover
 
-    def _batch_caches(self):
+    def _batch_caches(self, key: tuple | None = None):
+        """The per-chunk caches; ``key`` is :meth:`Objective.state_key` (computed if ``None``).
+
+        With ``cache_graph=True`` they are rebuilt whenever ``key`` changed (a parameter's
+        values changed by any route).
+        """
         ob = self.objective
         if self.cache_graph:
-            key = ob.state_key()
+            key = ob.state_key() if key is None else key
             if self._cache is None or key != self._key:
                 self._cache = None  # free the old graphs first
-                if self._key is not None:  # parameters changed since the last build
-                    ob._check_same_params()
                 with torch.enable_grad(), ob.curvature_mode():
                     self._cache = [self._build(X, y, w) for X, y, w in ob.batches()]
                 self._key = key
-            yield from self._cache
-            return
+            return self._cache
+        return self._fresh_caches()
+
+    def _fresh_caches(self):
+        ob = self.objective
         for X, y, w in ob.batches():
             with torch.enable_grad(), ob.curvature_mode():
                 cache = self._build(X, y, w)
@@ -171,44 +183,42 @@ class CurvatureOperator(LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         ob = self.objective
         k = V.shape[1]
-        ob.check_same_across_ranks(
-            [V],
-            "The vectors multiplied differ between ranks. Under torch.distributed every rank "
-            "must run the same algorithm on the same vectors: pass the same generator seed on "
-            "every rank (e.g. generator=torch.Generator().manual_seed(0)), never None.",
-        )
+        # Every rank runs this one collective on every product, whatever changed locally
+        # (vectors and parameters are compared together), so the ranks never diverge.
+        ob.check_same_across_ranks([V], _VECTORS_DIFFER, with_params=True)
+        key = ob.state_key() if (self.cache_graph or ob.regularizer is not None) else None
         parts = unravel_block(V, ob.shapes)
-        sizes = [s.numel() for s in ob.shapes]
-        single = len(ob.chunk_sizes) == 1 and not ob.distributed
-        acc_dtype = V.dtype if single else ob.accumulation_dtype
-        # (k, n) row-major accumulator; returned transposed as the (n, k) block.
-        acc = (torch.empty if single else torch.zeros)((k, ob.n), dtype=acc_dtype, device=V.device)
-        for cache in self._batch_caches():
-            with ob.curvature_mode():
+        caches = self._batch_caches(key)
+        if isinstance(caches, list) and len(caches) == 1 and not ob.distributed:
+            # one chunk: no accumulator (products on cached graphs run no module code, so
+            # no mode switching is needed either)
+            result = ravel_block(self._batch_product(caches[0], parts), k)
+        else:
+            # (k, n) row-major accumulator; returned transposed as the (n, k) block.
+            acc = torch.zeros((k, ob.n), dtype=ob.accumulation_dtype, device=V.device)
+            sizes = [s.numel() for s in ob.shapes]
+            for cache in caches:
                 res = self._batch_product(cache, parts)
-            i = 0
-            for r, m in zip(res, sizes):
-                if single:
-                    acc[:, i : i + m].copy_(r.reshape(k, m))
-                else:
+                i = 0
+                for r, m in zip(res, sizes):
                     acc[:, i : i + m].add_(r.reshape(k, m))
-                i += m
-            del res, cache  # with cache_graph=False this frees the chunk's graph
-        ob.all_reduce(acc)
-        result = acc.T if acc.dtype == self.dtype else acc.T.to(self.dtype)
-        del acc
-        extra = self._regularizer_product(V)
+                    i += m
+                del res, cache  # with cache_graph=False this frees the chunk's graph
+            ob.all_reduce(acc)
+            result = acc.T if acc.dtype == self.dtype else acc.T.to(self.dtype)
+            del acc
+        extra = self._regularizer_product(V, key)
         if isinstance(extra, Tensor) or extra != 0.0:
             result = result + extra
         return result
 
-    def _regularizer_product(self, V: Tensor) -> Tensor | float:
+    def _regularizer_product(self, V: Tensor, key: tuple | None = None) -> Tensor | float:
         ob = self.objective
         extra: Tensor | float = 0.0
         if ob.weight_decay:
             extra = ob.weight_decay * V
         if ob.regularizer is not None:
-            key = ob.state_key()
+            key = ob.state_key() if key is None else key
             if self._reg_graph is None or key != self._reg_key:
                 with torch.enable_grad():
                     self._reg_graph = GradGraph(ob.regularization(), list(ob.params.values()))
