@@ -204,9 +204,10 @@ def test_unsupported_layer_policy():
     assert float(K.to_dense()[sl].abs().max()) == 0.0  # zero block, documented
     # preconditioner: the unfactored parameters keep their plain gradient
     for policy in ("first_order", "skip"):
-        pre = KFACPreconditioner(model, nn.MSELoss(), unsupported=policy, fisher="exact")
+        loss_fn = nn.MSELoss()
+        pre = KFACPreconditioner(model, loss_fn, unsupported=policy, fisher="exact")
         model.zero_grad()
-        loss = nn.MSELoss()(model(data[0]), data[1])
+        loss = loss_fn(model(data[0]), data[1])
         loss.backward()
         plain = [p.grad.clone() for p in model[1].parameters()]
         lin = model[0].weight.grad.clone()

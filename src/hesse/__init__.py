@@ -51,6 +51,7 @@ from .operators import (
     LinearOperator,
     LowRankOperator,
     aslinearoperator,
+    curvature_operator,
     hessian_of,
 )
 
@@ -81,6 +82,7 @@ __all__ = [
     "cg_solve",
     "classify_critical_point",
     "compress",
+    "curvature_operator",
     "estimate",
     "exact_diagonal",
     "hessian_of",

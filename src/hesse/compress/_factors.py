@@ -70,7 +70,7 @@ def factor_chunks(
     with torch.no_grad(), ob.mode():
         for X, y, w in ob.batches():
             B = int(y.shape[0])
-            c = w / B if ob.reduction == "mean" else w
+            c = 1.0 / ob.N if ob.reduction == "mean" else w  # single() is a per-sample mean
             for s in range(0, B, chunk_size):
                 xs = (
                     tuple(t[s : s + chunk_size] for t in X)

@@ -12,10 +12,12 @@ from .base import (
     aslinearoperator,
 )
 from .curvature import CurvatureOperator, FisherOperator, GGNOperator, HessianOperator, SubOperator
+from .factory import Curvature, curvature_operator
 from .function import FunctionHessianOperator, hessian_of
 from .kfac import KFACOperator
 
 __all__ = [
+    "Curvature",
     "CurvatureOperator",
     "DenseOperator",
     "DiagonalOperator",
@@ -32,5 +34,6 @@ __all__ = [
     "SubOperator",
     "SumOperator",
     "aslinearoperator",
+    "curvature_operator",
     "hessian_of",
 ]

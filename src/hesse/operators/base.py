@@ -32,6 +32,14 @@ __all__ = [
 DEFAULT_MAX_DIM = 20_000
 
 
+def _refuse_array(other: Any) -> None:
+    if hasattr(other, "__array__"):
+        raise TypeError(
+            f"Operators multiply torch tensors, got {type(other).__name__}. Convert with "
+            "torch.as_tensor(v, dtype=op.dtype, device=op.device)."
+        )
+
+
 class LinearOperator:
     """Base class of every operator: ``A @ V`` for ``V`` of shape ``(n,)`` or ``(n, k)``.
 
@@ -98,11 +106,14 @@ class LinearOperator:
         out = self._rmatmat(V2)
         return out.squeeze(1) if V.ndim == 1 else out
 
+    __array_ufunc__ = None  # numpy_array @ op comes to __rmatmul__ (and is refused there)
+
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
             return ProductOperator(self, other)
         if isinstance(other, Tensor):
             return self.matvec(other) if other.ndim == 1 else self.matmat(other)
+        _refuse_array(other)
         return NotImplemented
 
     def __rmatmul__(self, other: Any) -> Any:
@@ -110,6 +121,7 @@ class LinearOperator:
             if other.ndim == 1:
                 return self.rmatmat(other)
             return self.rmatmat(other.T).T
+        _refuse_array(other)
         return NotImplemented
 
     # -- lazy algebra -------------------------------------------------------------------

@@ -33,15 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
-from ..func import (
-    GradGraph,
-    OutputGraph,
-    loss_kind,
-    output_fisher_mp,
-    output_grad_unreduced,
-    reduction_scale,
-    sample_targets,
-)
+from ..func import GradGraph, LossAt, OutputGraph, output_loss
 from ..func._ravel import ravel_block, unravel_block
 from ..objective import Objective
 from .base import LinearOperator
@@ -62,9 +54,10 @@ class CurvatureOperator(LinearOperator):
         model, loss_fn, data: see :class:`hesse.Objective`.
         params: parameter subset (names, prefixes, modules); default all trainable.
         cache_graph: keep per-batch graphs between products (default ``True``).
-        **objective_kwargs: ``train_mode``, ``allow_dropout``, ``weight_decay``,
-            ``regularizer``, ``reduction``, ``check_determinism``, ``distributed``,
-            ``process_group``, ``micro_batch_size``, ``accumulation_dtype``.
+        **objective_kwargs: ``batch_adapter``, ``output_adapter``, ``train_mode``,
+            ``allow_dropout``, ``weight_decay``, ``regularizer``, ``reduction``,
+            ``check_determinism``, ``distributed``, ``process_group``, ``micro_batch_size``,
+            ``accumulation_dtype`` (see :class:`hesse.Objective`).
     """
 
     _psd = False
@@ -252,7 +245,11 @@ class HessianOperator(CurvatureOperator):
         **kwargs: Any,
     ):
         self.mode = check_choice(mode, "mode", ("rev-rev", "fwd-rev"))
-        if self.mode == "fwd-rev" and any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        if (
+            self.mode == "fwd-rev"
+            and isinstance(model, nn.Module)
+            and any(isinstance(m, nn.LayerNorm) for m in model.modules())
+        ):
             raise NotImplementedError(
                 "mode='fwd-rev' cannot be trusted with nn.LayerNorm: torch.func's second "
                 "derivatives through layer_norm are wrong in this torch version. Use the "
@@ -277,14 +274,14 @@ class HessianOperator(CurvatureOperator):
         names = ob.names
         frozen = {k: v.detach() for k, v in model.named_parameters() if k not in ob.params}
         buffers = dict(model.named_buffers())
-
-        loss_fn = _func_safe_loss(ob.loss_fn)
+        args, kwargs = ob.call_args(X)
+        with torch.no_grad():
+            ob.check_targets(ob.forward(X), y)
 
         def loss_of(p: tuple[Tensor, ...]) -> Tensor:
             state = {**frozen, **buffers, **dict(zip(names, p))}
-            args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
-            out = torch.func.functional_call(model, state, args)
-            return loss_fn(out, y) * w
+            out = ob.adapt_output(torch.func.functional_call(model, state, args, kwargs))
+            return ob.batch_loss(out, y, w, check=False)
 
         primals = tuple(p.detach() for p in ob.params.values())
         grad_fn = torch.func.grad(loss_of)
@@ -303,15 +300,6 @@ class HessianOperator(CurvatureOperator):
                 ) from e
 
 
-def _func_safe_loss(loss_fn: Callable) -> Callable:
-    """``nn.MSELoss`` written out: torch.func's jvp of ``mse_loss``'s backward fails in 2.13."""
-    if type(loss_fn) is nn.MSELoss:
-        if loss_fn.reduction == "sum":
-            return lambda o, t: ((o - t) ** 2).sum()
-        return lambda o, t: ((o - t) ** 2).mean()
-    return loss_fn
-
-
 class _OutputCurvatureOperator(CurvatureOperator):
     """``J^T M J`` with an output-space matrix ``M`` per batch (GGN and Fisher)."""
 
@@ -320,6 +308,7 @@ class _OutputCurvatureOperator(CurvatureOperator):
     def _build(self, X: Any, y: Tensor, w: float) -> Any:
         ob = self.objective
         outputs = ob.forward(X)
+        ob.check_targets(outputs, y)
         return OutputGraph(outputs, list(ob.params.values())), self._output_state(outputs, y, w)
 
     def _output_state(self, outputs: Tensor, y: Tensor, w: float) -> Any:
@@ -336,17 +325,25 @@ class _OutputCurvatureOperator(CurvatureOperator):
 class GGNOperator(_OutputCurvatureOperator):
     """Generalised Gauss-Newton ``G = J^T H_L J`` (plus the regulariser's Hessian).
 
-    ``H_L`` is the Hessian of the (weighted) loss in the model outputs, taken by autograd,
-    so any scalar loss works; it is PSD when the loss is convex in the outputs.
-    Cost: one JVP + one VJP on the cached output graph per product.
+    ``H_L`` is the Hessian of the (weighted) loss in the model outputs: in closed form for
+    losses known in output space (:class:`hesse.func.OutputLoss`; cross-entropy
+    ``diag(p) - p p^T`` per row, never a ``C x C`` matrix or a graph through
+    ``log_softmax``), else by autograd, so any scalar loss works; it is PSD when the loss is
+    convex in the outputs. Cost: one JVP + one VJP on the cached output graph per product.
     """
 
     def _output_state(self, outputs: Tensor, y: Tensor, w: float) -> Any:
+        ob = self.objective
+        if ob.output_loss is not None:
+            return ob.output_loss.at(outputs, y), w
         leaf = outputs.detach().requires_grad_(True)
-        g = torch.autograd.grad(self.objective.batch_loss(leaf, y, w), leaf, create_graph=True)[0]
+        g = torch.autograd.grad(ob.batch_loss(leaf, y, w), leaf, create_graph=True)[0]
         return leaf, g
 
     def _output_mp(self, state: Any, W: Tensor) -> Tensor:
+        a, b = state
+        if isinstance(a, LossAt):
+            return b * a.hessian_mp(W)
         leaf, g = state
         if not g.requires_grad:  # loss linear in the outputs
             return torch.zeros_like(W)
@@ -356,23 +353,32 @@ class GGNOperator(_OutputCurvatureOperator):
 class FisherOperator(_OutputCurvatureOperator):
     """Fisher information of the likelihood the loss defines, ``J^T E[r r^T] J``.
 
-    Args:
-        kind: ``"exact"`` (type-2, closed form ``E_y[r r^T]``; equals the GGN for MSE, CE,
-            BCE), ``"mc"`` (``num_samples`` targets drawn per input from ``p(y|f)`` with
-            ``generator``, fixed for the current parameters), or ``"empirical"``
-            (``r`` at the observed targets).
-        num_samples: Monte-Carlo samples per input for ``kind="mc"``.
-        generator: randomness for ``kind="mc"``.
+    .. math:: F = \\sum_b w_b \\sum_{\\text{rows } m \\in b} J_m^\\top\\,
+              \\mathbb{E}[r_m r_m^\\top]\\, J_m
 
-    ``r = d loss_n / d f`` is the gradient of the unreduced per-sample loss; with
-    ``reduction="mean"`` everything is scaled like the loss (``1/N``, or ``1/(N d)`` for MSE/BCE).
-    Supports ``nn.MSELoss``, ``nn.CrossEntropyLoss`` and ``nn.BCEWithLogitsLoss``.
+    with ``r_m`` the gradient of row ``m``'s loss in the outputs and ``w_b`` the batch weight
+    of :class:`hesse.Objective` (``1 / count`` for the mean over the valid targets of the
+    whole data set). Rows (:class:`hesse.func.OutputLoss`) are samples for MSE and BCE and
+    positions for cross-entropy: per *token* for sequence outputs ``(N, C, d1, ...)`` or
+    ``(B, T, V)``; ignored targets contribute nothing.
+
+    Args:
+        kind: ``"exact"`` (type-2, closed form ``E_y[r r^T] = H_out``; equals the GGN),
+            ``"mc"`` (``num_samples`` targets drawn per row from ``p(y|f)`` with
+            ``generator``, fixed for the current parameters), or ``"empirical"``
+            (``r`` at the observed targets: the sum over rows of the outer products of the
+            per-row (per-token) loss gradients, ``w_b``-weighted).
+        num_samples: Monte-Carlo samples per row for ``kind="mc"``.
+        generator: randomness for ``kind="mc"``, on the model's device.
+
+    Supports ``nn.MSELoss``, ``nn.CrossEntropyLoss`` and ``nn.BCEWithLogitsLoss`` (and
+    ``loss_fn=None`` for Hugging Face models), see :func:`hesse.func.output_loss`.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable,
+        loss_fn: Callable | None,
         data: Any,
         *,
         params: Any = None,
@@ -382,7 +388,8 @@ class FisherOperator(_OutputCurvatureOperator):
         **kwargs: Any,
     ):
         self.kind = check_choice(kind, "kind", ("exact", "mc", "empirical"))
-        self.loss_kind = loss_kind(loss_fn)
+        if loss_fn is not None:
+            output_loss(loss_fn)  # raises for a loss without a known likelihood
         self.num_samples = check_int(num_samples, "num_samples")
         self.generator = generator
         super().__init__(model, loss_fn, data, params=params, **kwargs)
@@ -391,30 +398,25 @@ class FisherOperator(_OutputCurvatureOperator):
                 "FisherOperator(kind='mc') needs cache_graph=True so that its "
                 "sampled targets stay fixed between products."
             )
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but the model on {self.device}; pass "
+                f"torch.Generator(device='{self.device}').manual_seed(...)."
+            )
 
     def _output_state(self, outputs: Tensor, y: Tensor, w: float) -> Any:
-        f = outputs.detach()
-        scale = w * reduction_scale(self.loss_kind, self.objective.reduction, f)
+        at = self.objective.output_loss.at(outputs, y)
         if self.kind == "exact":
-            return f, scale, None
+            return at, w, None
         if self.kind == "empirical":
-            R = output_grad_unreduced(self.loss_kind, f, y).unsqueeze(0)
-        else:
-            samples = sample_targets(self.loss_kind, f, self.num_samples, self.generator)
-            S = samples.shape[0]
-            fs = f.expand(S, *f.shape).reshape(S * f.shape[0], *f.shape[1:])
-            ts = samples.reshape(S * f.shape[0], *samples.shape[2:])
-            R = output_grad_unreduced(self.loss_kind, fs, ts).reshape(S, *f.shape)
-            scale = scale / self.num_samples
-        return f, scale, R  # R: (S, *out)
+            return at, w, at.grad().unsqueeze(0)
+        return at, w / self.num_samples, at.sampled_grads(self.num_samples, self.generator)
 
     def _output_mp(self, state: Any, W: Tensor) -> Tensor:
-        f, scale, R = state
+        at, w, R = state
         if R is None:
-            return scale * output_fisher_mp(self.loss_kind, f, W)
-        dims = tuple(range(3, W.ndim + 1))  # output dims, not batch
-        coef = (R.unsqueeze(1) * W.unsqueeze(0)).sum(dim=dims, keepdim=True)  # (S, k, B, 1..)
-        return scale * (coef * R.unsqueeze(1)).sum(0)
+            return w * at.hessian_mp(W)
+        return w * at.outer_mp(R, W)
 
 
 class SubOperator(LinearOperator):

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_finite, check_int, check_nonnegative, warn_once
-from ..func import loss_kind, output_grad_unreduced, reduction_scale, sample_targets
+from ..func import LossAt
 from .base import LinearOperator
 from .curvature import CurvatureOperator
 
@@ -72,7 +72,6 @@ __all__ = [
     "KFACUse",
     "conv_patches",
     "find_kfac_layers",
-    "loss_hessian_sqrt",
     "FISHER_KINDS",
 ]
 
@@ -433,33 +432,6 @@ def find_kfac_layers(
     return layers, unfactored
 
 
-def loss_hessian_sqrt(kind: str, outputs: Tensor) -> Tensor:
-    """Columns ``S`` with ``S S^T = `` the per-sample output Hessian of the unreduced loss.
-
-    Returns ``(C, *outputs.shape)``: column ``c`` for every sample at once. MSE:
-    ``sqrt(2) e_c``; BCE: ``sqrt(s(1-s)) e_c``; cross-entropy: ``sqrt(p_c) (e_c - p)``
-    (since ``(D - p sqrt(p)^T)(D - sqrt(p) p^T) = diag(p) - p p^T`` with ``D = diag(sqrt p)``).
-    """
-    f = outputs.detach()
-    B = f.shape[0]
-    flat = f.reshape(B, -1)
-    C = flat.shape[1]
-    eye = torch.eye(C, dtype=f.dtype, device=f.device)
-    if kind == "mse":
-        cols = (2.0**0.5) * eye.unsqueeze(1).expand(C, B, C)
-    elif kind == "bce":
-        s = torch.sigmoid(flat)
-        cols = eye.unsqueeze(1) * (s * (1 - s)).sqrt().T.unsqueeze(-1)
-    else:
-        if f.ndim != 2:
-            raise NotImplementedError(
-                f"K-FAC with CrossEntropyLoss expects outputs (B, C); got {tuple(f.shape)}."
-            )
-        p = torch.softmax(flat, dim=1)
-        cols = p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
-    return cols.reshape(C, *f.shape)
-
-
 class _Recorder:
     """Forward hooks recording each use's inputs and (graph-attached) outputs."""
 
@@ -492,35 +464,41 @@ def all_uses(layers: Sequence[KFACLayer]) -> list[KFACUse]:
     return [u for layer in layers for u in layer.uses]
 
 
+def output_residuals(
+    at: LossAt, fisher: str, num_samples: int, generator: torch.Generator | None
+) -> tuple[Tensor, float]:
+    """Vectors ``R (k, *outputs.shape)`` and a weight with ``weight * sum_k r r^T`` the
+    output-space curvature of the sum loss: ``"exact"`` the loss-Hessian square-root columns,
+    ``"mc"`` gradients at sampled targets (``weight = 1 / num_samples``), ``"empirical"`` the
+    gradient at the observed targets. Ignored targets give zero rows.
+
+    For outputs with a sequence/position dimension the exact columns are backpropagated for
+    all positions at once (as curvlinops does): exact when positions do not mix (the
+    *expand* setting); through attention, cross-position terms of ``g g^T`` remain. The
+    Monte-Carlo estimate has independent samples per position and stays unbiased.
+    """
+    if fisher == "exact":
+        return at.hessian_sqrt(), 1.0
+    if fisher == "mc":
+        return at.sampled_grads(num_samples, generator), 1.0 / num_samples
+    return at.grad().unsqueeze(0), 1.0
+
+
 def output_gradient_factors(
     uses: Sequence[KFACUse],
     use_outputs: dict[int, list[Tensor]],
     f: Tensor,
-    *,
-    fisher: str,
-    kind: str,
-    targets: Tensor | None,
-    num_samples: int,
-    generator: torch.Generator | None,
+    R: Tensor,
+    weight: float = 1.0,
 ) -> dict[int, Tensor]:
-    """``sum_{n,t} E[g g^T]`` per use (without the loss weights ``c_n``) for one batch.
+    """``weight * sum_{n,t} sum_k g g^T`` per use, ``g = J_s^T r_k`` for the rows ``r_k`` of
+    ``R`` (from :func:`output_residuals`), for one batch (without the batch weight).
 
-    Backpropagates vectors ``r`` from the model output ``f`` to every recorded use output
+    Backpropagates from the model output ``f`` to every recorded use output
     (``retain_graph=True``; parameter gradients are not touched).
     """
     idx = [i for i in range(len(uses)) if use_outputs.get(i)]
     outs = [o for i in idx for o in use_outputs[i]]
-    if fisher == "exact":
-        R = loss_hessian_sqrt(kind, f)
-        weight = 1.0
-    elif fisher == "mc":
-        R = _sampled_residuals(kind, f.detach(), num_samples, generator)
-        weight = 1.0 / num_samples
-    else:
-        if targets is None:
-            raise ValueError("fisher='empirical' needs the targets.")
-        R = output_grad_unreduced(kind, f, targets).unsqueeze(0)
-        weight = 1.0
     grads = _batched_grad(f, outs, R)
     result: dict[int, Tensor] = {}
     j = 0
@@ -536,20 +514,6 @@ def output_gradient_factors(
         if acc is not None:
             result[i] = acc * weight
     return result
-
-
-def _sampled_residuals(
-    kind: str, f: Tensor, num_samples: int, generator: torch.Generator | None
-) -> Tensor:
-    """``r = d loss_n / d f`` at ``num_samples`` targets drawn from the model, ``(S, *f.shape)``
-    (vectorised over the samples: one softmax/sigmoid for all of them)."""
-    samples = sample_targets(kind, f, num_samples, generator)
-    if kind == "mse":
-        return 2.0 * (f.unsqueeze(0) - samples)
-    if kind == "bce":
-        return torch.sigmoid(f).unsqueeze(0) - samples
-    p = torch.softmax(f, dim=1)
-    return p.unsqueeze(0) - torch.nn.functional.one_hot(samples.long(), f.shape[1]).to(f.dtype)
 
 
 def _batched_grad(f: Tensor, outs: list[Tensor], R: Tensor) -> list[Tensor | None]:
@@ -629,11 +593,16 @@ class KFACOperator(CurvatureOperator):
         **objective_kwargs: Any,
     ):
         self.fisher = check_choice(fisher, "fisher", FISHER_KINDS)
-        self.loss_kind = loss_kind(loss_fn)
         self.num_samples = check_int(num_samples, "num_samples")
         self.generator = generator
         objective_kwargs.setdefault("check_determinism", False)
         super().__init__(model, loss_fn, data, params=params, **objective_kwargs)
+        if self.objective.output_loss is None:
+            raise NotImplementedError(
+                f"K-FAC needs a likelihood loss; no likelihood known for "
+                f"{type(loss_fn).__name__}. Use nn.MSELoss, nn.CrossEntropyLoss, "
+                "nn.BCEWithLogitsLoss or a hesse.func.OutputLoss."
+            )
         self.layers, self.skipped = find_kfac_layers(
             model,
             self.objective.names,
@@ -672,22 +641,15 @@ class KFACOperator(CurvatureOperator):
         for X, y, w in ob.batches():
             with torch.enable_grad(), ob.mode(), _Recorder(uses) as rec:
                 f = ob.forward(X)
-                c = w * reduction_scale(self.loss_kind, ob.reduction, f)
+                c = w  # weight of the batch's sum loss (Objective.batches)
                 for i, use in enumerate(uses):
                     for x in rec.inputs.get(i, []):
                         s, m = use.a_sum(x)
                         A_sum[i] = A_sum[i] + s
                         counts[i] += m
-                gs = output_gradient_factors(
-                    uses,
-                    rec.outputs,
-                    f,
-                    fisher=self.fisher,
-                    kind=self.loss_kind,
-                    targets=y,
-                    num_samples=self.num_samples,
-                    generator=self.generator,
-                )
+                at = ob.output_loss.at(f, y)
+                R, rw = output_residuals(at, self.fisher, self.num_samples, self.generator)
+                gs = output_gradient_factors(uses, rec.outputs, f, R, rw)
                 for i, g in gs.items():
                     G_sum[i] = G_sum[i] + c * g
         out = []

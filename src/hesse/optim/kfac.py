@@ -5,10 +5,15 @@ The factor definitions, normalisation and exactness statement are in
 on the fly from the training forward passes:
 
 * ``A`` from the layer inputs recorded by forward hooks;
-* ``G`` from output gradients: for the true Fisher (``fisher="mc"``, default) and
-  ``fisher="exact"`` an extra backward pass of sampled (or square-root) output gradients runs
-  right after the model's forward, on the retained graph, touching no ``.grad``; for
-  ``fisher="empirical"`` it runs when ``loss_fn`` is called, at the observed targets.
+* ``G`` from output gradients: when ``loss_fn`` is called on the model outputs (a forward
+  pre-hook on it, so the targets and their ``ignore_index`` are known), an extra backward
+  pass runs on the retained graph, touching no ``.grad``: of gradients at sampled targets
+  (``fisher="mc"``, the true Fisher, default), of the loss-Hessian square-root columns
+  (``"exact"``) or of the gradient at the observed targets (``"empirical"``). Its scale is
+  that of the batch loss (``1 / count`` of the batch's valid targets for ``"mean"``). If the
+  loss is computed another way (another loss instance, a functional loss), ``"mc"`` and
+  ``"exact"`` run when the backward pass reaches the model outputs, counting every output
+  row as a valid target.
 
 Both are kept as exponential running averages and inverted through eigendecompositions
 (float64) every ``inverse_update_interval`` steps.
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .._checks import check_choice, check_int, check_nonnegative, check_positive
-from ..func import loss_kind, reduction_scale
+from ..func import output_loss
 from ..operators.kfac import (
     FISHER_KINDS,
     UNSUPPORTED_POLICIES,
@@ -34,6 +39,7 @@ from ..operators.kfac import (
     find_kfac_layers,
     nearest_kronecker,
     output_gradient_factors,
+    output_residuals,
 )
 
 __all__ = ["KFAC", "KFACPreconditioner"]
@@ -123,11 +129,16 @@ class KFACPreconditioner:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
         self.loss_fn = loss_fn
-        self.kind = loss_kind(loss_fn)
-        self.reduction = getattr(loss_fn, "reduction", "mean")
-        if self.reduction not in ("mean", "sum"):
+        self.loss = output_loss(loss_fn)
+        if self.loss.reduction not in ("mean", "sum"):
             raise ValueError(
-                f"loss_fn must have reduction 'mean' or 'sum'; got {self.reduction!r}."
+                f"loss_fn must have reduction 'mean' or 'sum'; got {self.loss.reduction!r}."
+            )
+        if not isinstance(loss_fn, nn.Module):
+            raise TypeError(
+                "KFACPreconditioner records the output-gradient statistics when loss_fn is "
+                "called, so loss_fn must be an nn.Module (e.g. nn.CrossEntropyLoss()); got "
+                f"{type(loss_fn).__name__}."
             )
         self.fisher = check_choice(fisher, "fisher", FISHER_KINDS)
         self.num_samples = check_int(num_samples, "num_samples")
@@ -161,11 +172,9 @@ class KFACPreconditioner:
         self._handles = [
             use.module.register_forward_hook(self._layer_hook(i)) for i, use in enumerate(self.uses)
         ]
+        self._handles.append(loss_fn.register_forward_pre_hook(self._loss_hook))
         self._handles.append(model.register_forward_hook(self._model_hook))
-        if self.fisher == "empirical":
-            if not isinstance(loss_fn, nn.Module):
-                raise TypeError("fisher='empirical' needs loss_fn to be an nn.Module.")
-            self._handles.append(loss_fn.register_forward_pre_hook(self._loss_hook))
+        self._in_fallback = False
 
     # -- recording ----------------------------------------------------------------------
     def _reset_pending(self) -> None:
@@ -194,11 +203,28 @@ class KFACPreconditioner:
         return hook
 
     def _model_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self._recording() or not self._outputs:
+        """Fallback when the loss is computed without ``loss_fn`` (another instance, a
+        functional loss): at the backward pass through the outputs, with every output row
+        counted as a valid target."""
+        f = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+        if not self._recording() or not self._outputs or not isinstance(f, Tensor):
             return
-        if self.fisher == "empirical":
-            return  # done in the loss hook, at the observed targets
-        self._accumulate_g(output, None)
+        if not f.requires_grad:
+            return
+        pending = self._outputs
+
+        def fallback(grad: Tensor) -> None:
+            if self._in_fallback or self._outputs is not pending or not pending:
+                return  # loss_fn was called (statistics done), or a nested pass
+            if self.fisher == "empirical":
+                return  # needs the targets: step() says so if no statistics arrive
+            self._in_fallback = True
+            try:
+                self._accumulate_g(f, None)
+            finally:
+                self._in_fallback = False
+
+        f.register_hook(fallback)
 
     def _loss_hook(self, module: nn.Module, args: tuple) -> None:
         if not self._recording() or not self._outputs or len(args) < 2:
@@ -209,20 +235,23 @@ class KFACPreconditioner:
         outputs, self._outputs = self._outputs, {}
         if not isinstance(f, Tensor) or not f.requires_grad:
             raise TypeError(
-                "KFACPreconditioner expects the model to return the output tensor passed to "
-                f"loss_fn (with a graph); got {type(f).__name__}."
+                "KFACPreconditioner expects loss_fn to be called on the model outputs (a "
+                f"tensor with a graph, e.g. out.logits of an HF model); got {type(f).__name__}."
             )
-        c = reduction_scale(self.kind, self.reduction, f)
-        gs = output_gradient_factors(
-            self.uses,
-            outputs,
-            f,
-            fisher=self.fisher,
-            kind=self.kind,
-            targets=targets,
-            num_samples=self.num_samples,
-            generator=self.generator,
-        )
+        loss = self.loss
+        if targets is None:  # every row valid
+            if loss.kind == "ce":
+                cd = loss.class_dim % f.ndim
+                shape = f.shape[:cd] + f.shape[cd + 1 :]
+                targets = torch.zeros(shape, dtype=torch.long, device=f.device)
+            else:
+                targets = torch.zeros_like(f.detach())
+        c = 1.0
+        if loss.reduction == "mean":
+            c = 1.0 / loss.count(targets).to(f.dtype).clamp_min(1)
+        at = loss.at(f, targets)
+        R, rw = output_residuals(at, self.fisher, self.num_samples, self.generator)
+        gs = output_gradient_factors(self.uses, outputs, f, R, rw)
         for i, g in gs.items():
             g = c * g
             self._G_sum[i] = g if self._G_sum[i] is None else self._G_sum[i] + g
@@ -232,6 +261,12 @@ class KFACPreconditioner:
     @torch.no_grad()
     def update_factors(self) -> None:
         """Fold the statistics recorded since the last call into the running averages."""
+        if any(a is not None for a in self._A_sum) and all(g is None for g in self._G_sum):
+            raise RuntimeError(
+                "KFACPreconditioner recorded layer inputs but loss_fn was never called on the "
+                "model outputs since the last step: call the loss_fn passed to it (it records "
+                "the output-gradient statistics), e.g. loss = loss_fn(model(X), y)."
+            )
         rho = self.factor_decay
         for i in range(len(self.uses)):
             if self._A_sum[i] is None or self._G_sum[i] is None:
