@@ -54,7 +54,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -72,6 +72,8 @@ __all__ = [
     "KFACUse",
     "conv_patches",
     "find_kfac_layers",
+    "kfac_layers",
+    "weight_gradient_factors",
     "FISHER_KINDS",
 ]
 
@@ -230,6 +232,24 @@ class KFACUse:
         rows = self.output_rows(g)
         return rows.T @ rows
 
+    def sample_grads(self, x: Tensor, g: Tensor, B: int) -> Tensor:
+        """Per-sample weight gradients ``(k, B, *weight.shape)`` from one input ``x`` (``B``
+        samples) and ``k`` output gradients ``g (k, *output.shape)``: ``sum_t g_t a_t^T``
+        (``a_t g_t^T`` for HF ``Conv1D``; rows of the one-hot index for Embedding). Needs a
+        use built with ``with_bias=False``."""
+        k = g.shape[0]
+        gr = self.output_rows(g).reshape(k, B, -1, self.g_dim)
+        w = _weight_of(self.module)
+        if self.kind == "embedding":
+            idx = x.reshape(B, -1)
+            out = gr.new_zeros(k, B, self.a_dim, self.g_dim)
+            index = idx[None, :, :, None].expand(k, B, idx.shape[1], self.g_dim)
+            return out.scatter_add_(2, index, gr)
+        a = self.input_rows(x).reshape(B, -1, self.a_dim)
+        if self.kind == "conv1d_hf":
+            return torch.einsum("kbto,bti->kbio", gr, a)
+        return torch.einsum("kbto,bti->kboi", gr, a).reshape(k, B, *w.shape)
+
     def term(self, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
         """``(L, R)`` of this use in the weight's matrix view (see the class docstring)."""
         if self.kind in ("linear", "conv"):
@@ -345,30 +365,11 @@ def nearest_kronecker(terms: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, T
     return L.to(dt), R.to(dt)
 
 
-def find_kfac_layers(
-    model: nn.Module, selected: Sequence[str] | None = None, unsupported: str = "first_order"
-) -> tuple[list[KFACLayer], list[str]]:
-    """The K-FAC layers of ``model`` and the parameters K-FAC does not factor.
-
-    Weights are found by identity, so a tensor used by several modules (tied embeddings)
-    is one layer with all its uses. Supported: see ``SUPPORTED_LAYERS``. Everything
-    else with parameters (BatchNorm, LayerNorm, RMSNorm, biases of tied weights, bare
-    parameters, ...) is *unfactored* and follows ``unsupported``:
-
-    * ``"first_order"`` (default; ``"skip"`` is the same): one warning names them; the
-      K-FAC preconditioner/optimizer trains them with their plain gradient, and
-      :class:`KFACOperator` gives them a zero block (its ``inverse`` then ``1 / damping``);
-    * ``"raise"``: ``NotImplementedError`` naming the first such layer.
-
-    Args:
-        model: the network.
-        selected: parameter names to cover (default: all that require grad).
-        unsupported: the policy above.
-
-    Returns:
-        ``(layers, unfactored_param_names)``, both in ``model.named_parameters()`` order.
-    """
-    policy = check_choice(unsupported, "unsupported", UNSUPPORTED_POLICIES)
+def kfac_layers(
+    model: nn.Module, selected: Sequence[str] | None = None
+) -> tuple[list[KFACLayer], list[str], dict[str, str]]:
+    """:func:`find_kfac_layers` without a policy or warning: ``(layers, unfactored, reasons)``
+    (``reasons``: parameter name -> why it is not factored)."""
     names = {id(p): n for n, p in model.named_parameters()}
     order = list(names.values())
     if selected is None:
@@ -413,6 +414,34 @@ def find_kfac_layers(
     rank = {n: i for i, n in enumerate(order)}
     layers.sort(key=lambda layer: rank[layer.weight_name])
     unfactored = [n for n in order if n in chosen and n not in covered]
+    return layers, unfactored, why
+
+
+def find_kfac_layers(
+    model: nn.Module, selected: Sequence[str] | None = None, unsupported: str = "first_order"
+) -> tuple[list[KFACLayer], list[str]]:
+    """The K-FAC layers of ``model`` and the parameters K-FAC does not factor.
+
+    Weights are found by identity, so a tensor used by several modules (tied embeddings)
+    is one layer with all its uses. Supported: see ``SUPPORTED_LAYERS``. Everything
+    else with parameters (BatchNorm, LayerNorm, RMSNorm, biases of tied weights, bare
+    parameters, ...) is *unfactored* and follows ``unsupported``:
+
+    * ``"first_order"`` (default; ``"skip"`` is the same): one warning names them; the
+      K-FAC preconditioner/optimizer trains them with their plain gradient, and
+      :class:`KFACOperator` gives them a zero block (its ``inverse`` then ``1 / damping``);
+    * ``"raise"``: ``NotImplementedError`` naming the first such layer.
+
+    Args:
+        model: the network.
+        selected: parameter names to cover (default: all that require grad).
+        unsupported: the policy above.
+
+    Returns:
+        ``(layers, unfactored_param_names)``, both in ``model.named_parameters()`` order.
+    """
+    policy = check_choice(unsupported, "unsupported", UNSUPPORTED_POLICIES)
+    layers, unfactored, why = kfac_layers(model, selected)
     if unfactored and policy == "raise":
         n = unfactored[0]
         raise NotImplementedError(
@@ -514,6 +543,62 @@ def output_gradient_factors(
         if acc is not None:
             result[i] = acc * weight
     return result
+
+
+def weight_gradient_factors(
+    objective: Any, layers: Sequence[KFACLayer], curvature: str = "ggn"
+) -> Iterator[dict[str, Tensor]]:
+    """Square-root factors of the exact curvature block of each layer's *weight*, per batch.
+
+    Yields ``{weight name: U (r, n)}`` (one dict per batch of ``objective.batches()``; use
+    its ``micro_batch_size`` to bound memory) such that ``sum over batches of U^T U`` is
+
+    * ``curvature="ggn"``: the exact GGN block (== exact Fisher for these losses),
+      ``sum_rows w J^T S S^T J`` with ``S`` the loss-Hessian square-root columns of each
+      loss row (:meth:`hesse.func.LossAt.hessian_sqrt`);
+    * ``"fisher"``: the empirical Fisher, per loss row (per token for sequence
+      cross-entropy), ``sum_rows w J^T r r^T J`` with ``r`` the gradient of that row's loss,
+
+    ``w`` the objective's weight of the batch's sum loss. A tied weight gets the sum of the
+    per-sample gradients of all its uses (exact, cross terms included). The rows are
+    per-sample gradients built from the recorded layer inputs (strided patches for
+    convolutions) and backpropagated output columns, one column per (row position, square
+    root column): ``r = B * positions * C`` rows per batch.
+    """
+    loss = objective.output_loss
+    if loss is None:
+        raise NotImplementedError(
+            "Per-sample curvature factors need a likelihood loss (nn.MSELoss, "
+            "nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)."
+        )
+    uses = [KFACUse(u.name, u.module, with_bias=False) for layer in layers for u in layer.uses]
+    owner = [layer.weight_name for layer in layers for _ in layer.uses]
+    for X, y, w in objective.batches():
+        with torch.enable_grad(), objective.mode(), _Recorder(uses) as rec:
+            f = objective.forward(X)
+            at = loss.at(f, y)
+            R = at.hessian_sqrt() if curvature == "ggn" else at.grad().unsqueeze(0)
+            B = f.shape[0]
+            rows = loss.rows(R, lead=1)  # (k, M, C), sample-major
+            per = rows.shape[1] // B
+            if per > 1:  # one column per position: rows of different positions never mix
+                eye = torch.eye(per, dtype=R.dtype, device=R.device).repeat(1, B)  # (per, M)
+                rows = (rows.unsqueeze(1) * eye[None, :, :, None]).flatten(0, 1)
+                R = loss.unrows(rows, f.shape, lead=1)
+            idx = [i for i in range(len(uses)) if rec.outputs.get(i)]
+            grads = _batched_grad(f, [o for i in idx for o in rec.outputs[i]], R)
+        U: dict[str, Tensor] = {}
+        j = 0
+        for i in idx:
+            for x in rec.inputs[i]:
+                g = grads[j]
+                j += 1
+                if g is None:
+                    continue
+                sg = uses[i].sample_grads(x, g, B)
+                U[owner[i]] = U[owner[i]] + sg if owner[i] in U else sg
+        scale = torch.as_tensor(w, dtype=f.dtype, device=f.device).sqrt()
+        yield {n: (u * scale).reshape(-1, u[0, 0].numel()) for n, u in U.items()}
 
 
 def _batched_grad(f: Tensor, outs: list[Tensor], R: Tensor) -> list[Tensor | None]:
