@@ -177,7 +177,8 @@ def prune(
 
     Args:
         model: network with Linear/Conv layers (pruned in place).
-        loss_fn: the loss (not needed for ``"magnitude"``).
+        loss_fn: the loss (not needed for ``"magnitude"``; ``None`` with a Hugging Face
+            model means the loss it trains with, see :class:`hesse.Objective`).
         data: ``(X, y)`` or an iterable of batches (not needed for ``"magnitude"``).
         sparsity: fraction of weights to remove, in ``[0, 1)``. Weights already masked count.
         method: ``"obs"`` (default), ``"obd"`` or ``"magnitude"``.
@@ -227,8 +228,11 @@ def prune(
         or not (0.0 <= sparsity < 1.0)
     ):
         raise ValueError(f"Invalid sparsity={sparsity!r}; must lie in [0, 1).")
-    if method != "magnitude" and (loss_fn is None or data is None):
-        raise ValueError(f"method={method!r} needs loss_fn and data; only 'magnitude' does not.")
+    if method != "magnitude" and data is None:
+        raise ValueError(
+            f"method={method!r} needs data (and loss_fn, or loss_fn=None for a Hugging Face "
+            "model's own loss); only 'magnitude' needs neither."
+        )
     num_steps = check_int(num_steps, "num_steps")
     damping = check_positive(damping, "damping")
     if method == "obs":

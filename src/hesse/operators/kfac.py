@@ -519,15 +519,26 @@ def output_gradient_factors(
     f: Tensor,
     R: Tensor,
     weight: float = 1.0,
+    deterministic: bool = True,
 ) -> dict[int, Tensor]:
     """``weight * sum_{n,t} sum_k g g^T`` per use, ``g = J_s^T r_k`` for the rows ``r_k`` of
     ``R`` (from :func:`output_residuals`), for one batch (without the batch weight).
 
     Backpropagates from the model output ``f`` to every recorded use output
-    (``retain_graph=True``; parameter gradients are not touched).
+    (``retain_graph=True``; parameter gradients are not touched). With ``deterministic``
+    (exact and empirical columns) a use output without the batch dimension is handled
+    per sample (``B`` times the columns); Monte-Carlo columns are independent across samples,
+    so their cross terms vanish in expectation and pass ``deterministic=False``.
     """
     idx = [i for i in range(len(uses)) if use_outputs.get(i)]
     outs = [o for i in idx for o in use_outputs[i]]
+    B = f.shape[0]
+    if deterministic and B > 1 and any(o.ndim == 0 or o.shape[0] != B for o in outs):
+        # an output shared by the samples (e.g. GPT-2's position embedding, broadcast over
+        # the batch): backpropagate every column for one sample at a time, or g g^T would
+        # hold cross-sample terms that depend on the batching
+        eye = torch.eye(B, dtype=R.dtype, device=R.device).reshape(1, B, B, *[1] * (R.ndim - 2))
+        R = (R.unsqueeze(1) * eye).flatten(0, 1)
     grads = _batched_grad(f, outs, R)
     result: dict[int, Tensor] = {}
     j = 0
@@ -734,7 +745,9 @@ class KFACOperator(CurvatureOperator):
                         counts[i] += m
                 at = ob.output_loss.at(f, y)
                 R, rw = output_residuals(at, self.fisher, self.num_samples, self.generator)
-                gs = output_gradient_factors(uses, rec.outputs, f, R, rw)
+                gs = output_gradient_factors(
+                    uses, rec.outputs, f, R, rw, deterministic=self.fisher != "mc"
+                )
                 for i, g in gs.items():
                     G_sum[i] = G_sum[i] + c * g
         out = []

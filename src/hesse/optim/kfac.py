@@ -251,7 +251,9 @@ class KFACPreconditioner:
             c = 1.0 / loss.count(targets).to(f.dtype).clamp_min(1)
         at = loss.at(f, targets)
         R, rw = output_residuals(at, self.fisher, self.num_samples, self.generator)
-        gs = output_gradient_factors(self.uses, outputs, f, R, rw)
+        gs = output_gradient_factors(
+            self.uses, outputs, f, R, rw, deterministic=self.fisher != "mc"
+        )
         for i, g in gs.items():
             g = c * g
             self._G_sum[i] = g if self._G_sum[i] is None else self._G_sum[i] + g
