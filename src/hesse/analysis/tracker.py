@@ -182,7 +182,7 @@ class SharpnessTracker:
 
         tracker = hesse.SharpnessTracker(model, loss_fn, (X_fixed, y_fixed), every=10,
                                          optimizer=opt)
-        for batch in loader:
+        for x, y in loader:
             opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
             tracker.step()
         tracker.to_csv("sharpness.csv"); tracker.plot("sharpness.png")
