@@ -96,12 +96,17 @@ class GradGraph:
     Args:
         loss: scalar tensor built from ``params``.
         params: tensors requiring grad.
+        grads: the gradient of ``loss`` already built with ``create_graph=True`` (one entry
+            per parameter, ``None`` if unused), e.g. by an optimizer's closure; skips that pass.
     """
 
-    def __init__(self, loss: Tensor, params: Sequence[Tensor]):
+    def __init__(
+        self, loss: Tensor, params: Sequence[Tensor], grads: Sequence[Tensor | None] | None = None
+    ):
         self.params = list(params)
         self.loss = loss.detach()
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        if grads is None:
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self.grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
         # Parameters that do not affect the gradient (e.g. a bias feeding a linear loss) have
         # zero Hessian rows; autograd reports them as unused.

@@ -1,9 +1,10 @@
-"""Shared optimizer plumbing: one flat parameter vector over all groups, counters, closures.
+"""Shared optimizer plumbing: one flat parameter vector over all groups, counters, closures,
+the non-finite policy and ``state_dict`` checks used by every optimizer in :mod:`hesse.optim`.
 
 Every method in :mod:`hesse.optim` treats the parameters of all its groups as one vector
-``x`` of size ``n`` (in the promoted dtype of the parameters, on the device of the first
-one). Algorithm hyperparameters must agree across groups; ``lr`` may differ per group and then
-scales each group's part of the step (a fixed diagonal scaling of the direction).
+``x`` of size ``n`` (in the promoted dtype of the parameters, at least float32, on the device
+of the first one). Algorithm hyperparameters must agree across groups; ``lr`` may differ per
+group and then scales each group's part of the step (a fixed diagonal scaling of the direction).
 
 All algorithm state lives in ``self.state[anchor]`` (``anchor`` = the first parameter with the
 working dtype) as tensors and Python numbers, so ``state_dict``/``load_state_dict`` round-trip
@@ -14,14 +15,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._checks import check_positive
+from .._checks import NonFiniteError, check_positive
+from ..func import GradGraph, OutputGraph, ravel, ravel_block, unravel_block
 from ..operators.base import LinearOperator
 from ._closure import Evaluation, evaluate
 
@@ -31,26 +33,174 @@ __all__ = [
     "GradHVPOperator",
     "GGNProductOperator",
     "COUNTERS",
+    "STATE_TAG",
+    "check_optimizer_params",
+    "check_state_dict",
+    "Rollback",
+    "params_and_model",
 ]
 
 COUNTERS = ("iterations", "func_evals", "grad_evals", "hvps", "restarts")
+STATE_TAG = "hesse_optimizer"  # state_dict key naming the class that saved it
+
+
+def check_optimizer_params(params: Sequence[Tensor], owner: str) -> None:
+    """Validate the parameters an optimizer gets (at construction, with a fix in the message)."""
+    if not params:
+        raise ValueError(f"{owner} got an empty parameter list.")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"Parameter {i} is a {type(p).__name__}; expected a torch.Tensor.")
+        if not p.requires_grad:
+            raise ValueError(
+                f"Parameter {i} (shape {tuple(p.shape)}) has requires_grad=False; pass only "
+                "trainable parameters, e.g. [p for p in model.parameters() if p.requires_grad]."
+            )
+        if not p.is_floating_point():
+            raise TypeError(f"Parameter {i} has dtype {p.dtype}; expected a floating dtype.")
+        if p.is_meta:
+            raise ValueError(
+                f"Parameter {i} (shape {tuple(p.shape)}) is on the 'meta' device, which holds no "
+                f"values, so {owner} cannot step it. Materialise the model first, e.g. "
+                "model.to_empty(device='cpu') and initialise or load its weights."
+            )
+
+
+def params_and_model(params: Any, model: Any, owner: str) -> tuple[Any, nn.Module]:
+    """Resolve the params-first signature of optimizers that also need the model.
+
+    ``Opt(params, ..., model=model)`` optimises ``params`` (which must belong to ``model``);
+    ``Opt(model, ...)`` is shorthand for all trainable parameters of ``model``.
+    """
+    if isinstance(params, nn.Module):
+        if model is not None and model is not params:
+            raise ValueError(f"{owner} got a model both as params and as model=; pass it once.")
+        model = params
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("The model has no parameters that require grad.")
+    elif model is None:
+        raise TypeError(
+            f"{owner} needs the model: {owner}(model.parameters(), model=model, loss_fn=loss_fn) "
+            f"(or {owner}(model, loss_fn) for all its trainable parameters)."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    return params, model
+
+
+def check_state_dict(
+    obj: Any, state_dict: Any, required: Iterable[str] = (), defaults: Mapping | None = None
+) -> None:
+    """Refuse, at load time, a state saved by another class or missing keys.
+
+    ``required`` are top-level keys the state must hold; with ``defaults`` every parameter
+    group must hold exactly these hyperparameters (plus ``params``).
+    """
+    name = type(obj).__name__
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"{name}.load_state_dict expects the dict returned by {name}.state_dict(), got a "
+            f"{type(state_dict).__name__}."
+        )
+    tag = state_dict.get(STATE_TAG)
+    if tag is not None and tag != name:
+        raise ValueError(
+            f"This state_dict was saved by {tag}, not {name}; load it into a {tag} (or start "
+            f"{name} from scratch)."
+        )
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"Invalid state_dict for {name}: missing keys {missing} (it holds "
+            f"{sorted(map(str, state_dict))}). Pass the dict returned by {name}.state_dict()."
+        )
+    if defaults is None:
+        return
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError(f"Invalid state_dict for {name}: no 'param_groups' list.")
+    want = set(defaults) | {"params"}
+    for i, g in enumerate(groups):
+        have = set(g) if isinstance(g, Mapping) else set()
+        lost, extra = sorted(want - have), sorted(have - want)
+        if lost or extra:
+            raise ValueError(
+                f"Invalid state_dict for {name}: parameter group {i} is missing "
+                f"hyperparameters {lost} and has unexpected ones {extra}; it was not saved by "
+                f"{name}. Pass the dict returned by {name}.state_dict()."
+            )
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+class Rollback:
+    """Undo what a failed step touched: parameters, one state dict level, generator states.
+
+    Use as ``with Rollback(params, states, generators): ...``; on an exception every parameter
+    gets its value back, each dict in ``states`` its entries (lists copied one level, so
+    appends are undone; tensors mutated in place are not, so mutate only after the checks)
+    and each generator its state, then the exception propagates.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        states: Sequence[dict] = (),
+        generators: Sequence[torch.Generator | None] = (),
+    ):
+        self.params = list(params)
+        self.states = list(states)
+        self.generators = [g for g in generators if g is not None]
+
+    def __enter__(self) -> Rollback:
+        self._values = [p.detach().clone() for p in self.params]
+        self._states = [
+            {k: list(v) if isinstance(v, list) else v for k, v in st.items()} for st in self.states
+        ]
+        self._gens = [g.get_state() for g in self.generators]
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None and issubclass(exc_type, Exception):
+            with torch.no_grad():
+                for p, v in zip(self.params, self._values):
+                    p.copy_(v)
+            for st, saved in zip(self.states, self._states):
+                st.clear()
+                st.update(saved)
+            for g, s in zip(self.generators, self._gens):
+                g.set_state(s)
+        return False
 
 
 class ParamVector:
-    """View a list of parameters as one flat vector (concatenation in group order)."""
+    """View a list of parameters as one flat vector (concatenation in group order).
+
+    The flat dtype is the promoted dtype of the parameters, at least float32 (dense linear
+    algebra has no float16 kernels on CPU), on the device of the first parameter.
+    """
 
     def __init__(self, params: Sequence[Tensor]):
         self.params = list(params)
-        self.dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.params])
+        self.dtype = functools.reduce(
+            torch.promote_types, [p.dtype for p in self.params], torch.float32
+        )
         self.device = self.params[0].device
+        self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.n = sum(self.numels)
-        self.uniform = all(p.dtype == self.dtype and p.device == self.device for p in self.params)
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
-        if self.uniform:
-            return torch.cat([t.reshape(-1) for t in tensors])
-        return torch.cat([t.reshape(-1).to(device=self.device, dtype=self.dtype) for t in tensors])
+        return ravel([t.to(device=self.device, dtype=self.dtype) for t in tensors])
 
     def versions(self) -> list[int]:
         """In-place modification counters of the parameters (change when they are written)."""
@@ -61,26 +211,20 @@ class ParamVector:
 
     def set_(self, x: Tensor) -> None:
         with torch.no_grad():
-            if len(self.params) == 1:
-                self.params[0].copy_(x.view_as(self.params[0]))
-                return
             for p, chunk in zip(self.params, x.split(self.numels)):
                 p.copy_(chunk.view_as(p))
 
-    def split(self, v: Tensor) -> list[Tensor]:
-        """Split a flat vector into tensors shaped (and typed, placed) like the parameters."""
+    def split_block(self, V: Tensor) -> list[Tensor]:
+        """Split ``(n, k)`` into tensors ``(k, *p.shape)`` (typed and placed like ``p``)."""
         return [
-            c.view_as(p).to(device=p.device, dtype=p.dtype)
-            for p, c in zip(self.params, v.split(self.numels))
+            t.to(device=p.device, dtype=p.dtype)
+            for t, p in zip(unravel_block(V, self.shapes), self.params)
         ]
 
-    def split_block(self, V: Tensor) -> list[Tensor]:
-        """Split ``(n, k)`` into tensors ``(k, *p.shape)``."""
-        k = V.shape[1]
-        return [
-            c.T.reshape(k, *p.shape).to(device=p.device, dtype=p.dtype)
-            for p, c in zip(self.params, V.split(self.numels))
-        ]
+    def join_block(self, parts: Sequence[Tensor]) -> Tensor:
+        """Inverse of :meth:`split_block`: tensors ``(k, *p.shape)`` to ``(n, k)``."""
+        k = parts[0].shape[0]
+        return ravel_block([t.to(device=self.device, dtype=self.dtype) for t in parts], k)
 
 
 class SecondOrderOptimizer(Optimizer):
@@ -96,16 +240,7 @@ class SecondOrderOptimizer(Optimizer):
         check_positive(defaults.get("lr", 1.0), "lr")
         super().__init__(params, defaults)
         all_params = [p for g in self.param_groups for p in g["params"]]
-        if not all_params:
-            raise ValueError("The optimizer got an empty parameter list.")
-        for i, p in enumerate(all_params):
-            if not p.requires_grad:
-                raise ValueError(
-                    f"Parameter {i} (shape {tuple(p.shape)}) has requires_grad=False; pass only "
-                    "trainable parameters, e.g. [p for p in model.parameters() if p.requires_grad]."
-                )
-            if not p.is_floating_point():
-                raise TypeError(f"Parameter {i} has dtype {p.dtype}; expected a floating dtype.")
+        check_optimizer_params(all_params, type(self).__name__)
         for g in self.param_groups:
             check_positive(g["lr"], "lr")
             self._validate(g)
@@ -119,13 +254,27 @@ class SecondOrderOptimizer(Optimizer):
                         f"so {key} must be the same in every group (only lr may differ)."
                     )
         self._vec = ParamVector(all_params)
-        self._anchor = next(p for p in all_params if p.dtype == self._vec.dtype)
+        self._anchor = next((p for p in all_params if p.dtype == self._vec.dtype), all_params[0])
 
     def _validate(self, group: dict[str, Any]) -> None:
         """Check one group's hyperparameters (raise with a message naming the value)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd[STATE_TAG] = type(self).__name__
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_dict(self, state_dict, ("state", "param_groups"), self.defaults)
+        state_dict = {k: v for k, v in state_dict.items() if k != STATE_TAG}
+        # all state lives on the anchor; keep its dtypes (torch would cast them to the
+        # anchor's dtype, e.g. float32 work vectors of a float16 model)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        pos = [i for i, p in enumerate(self._vec.params) if p is self._anchor][0]
+        saved = state_dict["state"].get(ids[pos]) if pos < len(ids) else None
         super().load_state_dict(state_dict)
+        if saved is not None:
+            self.state[self._anchor] = _to_device(saved, self._vec.device)
         self._versions = None  # cached evaluations belong to the state before loading
         self._graph_cache = None
         self._closure_owner = None
@@ -184,8 +333,6 @@ class SecondOrderOptimizer(Optimizer):
         # at trial points the callers test g through g^T d (NaN propagates), saving a sync
         if not math.isfinite(ev.f) or (first and not bool(torch.isfinite(g).all())):
             if first:
-                from .._checks import NonFiniteError
-
                 raise NonFiniteError(
                     "The closure returned a non-finite loss or gradient at the current "
                     "parameters; nothing to restart from."
@@ -259,7 +406,15 @@ class SecondOrderOptimizer(Optimizer):
                 f"{type(self).__name__}.step() needs a closure: opt.step(closure) with "
                 "def closure(): opt.zero_grad(); loss = f(); loss.backward(); return loss"
             )
-        out = self._iterate(closure, **kwargs)
+        owner = getattr(self, "_closure_owner", None)
+        rollback = Rollback(self._vec.params, [self._st], [getattr(self, "generator", None)])
+        try:
+            with rollback:
+                out = self._iterate(closure, **kwargs)
+        except Exception:
+            # the step never happened: parameters, state and probe stream are restored
+            self._versions, self._graph_cache, self._closure_owner = None, None, owner
+            raise
         self._st["iterations"] += 1
         return out
 
@@ -270,105 +425,50 @@ class SecondOrderOptimizer(Optimizer):
 class GradHVPOperator(LinearOperator):
     """The Hessian of the closure's loss as a :class:`~hesse.LinearOperator`, ``H V``.
 
-    Products differentiate the cached ``create_graph`` gradient again (Pearlmutter), one
-    batched backward pass for a block of ``k`` columns (``is_grads_batched``).
+    A flat-vector view of :class:`hesse.func.GradGraph` over the closure's ``create_graph``
+    gradient (Pearlmutter): each block is one backward pass through the cached gradient.
     """
 
-    def __init__(self, vec: ParamVector, graph_grads: Sequence[Tensor | None], chunk: int = 256):
+    def __init__(self, vec: ParamVector, graph: GradGraph, chunk: int = 256):
         super().__init__((vec.n, vec.n), vec.dtype, vec.device, symmetric=True)
-        self.vec = vec
-        self.live = [i for i, g in enumerate(graph_grads) if g is not None and g.requires_grad]
-        self.grads = [graph_grads[i] for i in self.live]
-        self.chunk = chunk
+        self.vec, self.graph, self.chunk = vec, graph, chunk
+
+    @classmethod
+    def from_evaluation(cls, vec: ParamVector, ev: Evaluation) -> GradHVPOperator:
+        grads = ev.graph_grads or [None] * len(vec.params)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, vec.params)]
+        return cls(vec, GradGraph(ev.loss, vec.params, grads=grads))
 
     def _matmat(self, V: Tensor) -> Tensor:
-        if not self.live:
-            return torch.zeros_like(V)
-        outs = []
-        for V_c in V.split(self.chunk, dim=1):
-            k = V_c.shape[1]
-            parts = self.vec.split_block(V_c)
-            params = [self.vec.params[i] for i in self.live]
-            if k == 1:
-                res = torch.autograd.grad(
-                    self.grads,
-                    params,
-                    [parts[i][0] for i in self.live],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-                res = [None if r is None else r.unsqueeze(0) for r in res]
-            else:
-                res = torch.autograd.grad(
-                    self.grads,
-                    params,
-                    [parts[i] for i in self.live],
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-            full: list[Tensor] = []
-            j = 0
-            for i, p in enumerate(self.vec.params):
-                r = res[self.live.index(i)] if i in self.live else None
-                if r is None:
-                    r = torch.zeros((k, p.numel()), dtype=self.dtype, device=self.device)
-                full.append(r.reshape(k, -1).to(device=self.device, dtype=self.dtype))
-                j += 1
-            outs.append(torch.cat(full, dim=1).T)
-        return torch.cat(outs, dim=1)
+        blocks = [
+            self.vec.join_block(self.graph.hmp(self.vec.split_block(V_c)))
+            for V_c in V.split(self.chunk, dim=1)
+        ]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
 class GGNProductOperator(LinearOperator):
     """The generalised Gauss-Newton ``G = J^T H_L J`` of the closure's ``(loss, outputs)``.
 
-    ``J`` is the Jacobian of ``outputs`` w.r.t. the parameters and ``H_L`` the Hessian of the
-    loss w.r.t. ``outputs``, both taken from the closure's retained graph by autograd (no loss
-    type is assumed). Cost per block: one double-VJP (``J V``), one output-space Hessian
-    product and one VJP (``J^T W``). Loss terms that do not go through ``outputs`` (explicit
-    regularisers) are not part of ``G``.
+    ``J V`` and ``J^T W`` come from :class:`hesse.func.OutputGraph` on the closure's retained
+    graph; ``H_L``, the Hessian of the loss w.r.t. ``outputs``, from autograd (no loss type
+    is assumed). Loss terms that do not go through ``outputs`` (explicit regularisers) are not
+    part of ``G``.
     """
 
     def __init__(self, vec: ParamVector, loss: Tensor, outputs: Tensor):
-        from ..func import OutputGraph
-
         super().__init__((vec.n, vec.n), vec.dtype, vec.device, symmetric=True, psd=False)
-        self.vec = vec
-        self.outputs = outputs
+        self.vec, self.outputs = vec, outputs
         with torch.enable_grad():
             (self.dloss,) = torch.autograd.grad(loss, outputs, create_graph=True)
             self.graph = OutputGraph(outputs, vec.params)
-        self._loss_quadratic = self.dloss.requires_grad
 
     def _matmat(self, V: Tensor) -> Tensor:
-        k = V.shape[1]
-        if not self._loss_quadratic:
+        if not self.dloss.requires_grad:  # loss linear in the outputs
             return torch.zeros_like(V)
         with torch.enable_grad():
-            if k == 1:  # plain autograd: no vmap overhead for single vectors (CG)
-                parts = self._single(self.vec.split(V[:, 0]))
-            else:
-                JV = self.graph.jmp(self.vec.split_block(V))  # (k, *out)
-                (HJV,) = torch.autograd.grad(
-                    self.dloss, self.outputs, JV, retain_graph=True, is_grads_batched=True
-                )
-                parts = self.graph.vjp(HJV)
-        return (
-            torch.cat([p.reshape(k, -1) for p in parts], dim=1)
-            .to(device=self.device, dtype=self.dtype)
-            .T
-        )
-
-    def _single(self, v: list[Tensor]) -> list[Tensor]:
-        g = self.graph
-        live = [i for i, ok in enumerate(g._live) if ok]
-        if not live:
-            return [torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device) for p in g.params]
-        (jv,) = torch.autograd.grad(
-            [g._vjp_u[i] for i in live], g._u, [v[i] for i in live], retain_graph=True
-        )
-        (hjv,) = torch.autograd.grad(self.dloss, self.outputs, jv, retain_graph=True)
-        res = torch.autograd.grad(self.outputs, g.params, hjv, retain_graph=True, allow_unused=True)
-        return [
-            (torch.zeros_like(p) if r is None else r).unsqueeze(0) for r, p in zip(res, g.params)
-        ]
+            JV = self.graph.jmp(self.vec.split_block(V))  # (k, *out)
+            (HJV,) = torch.autograd.grad(
+                self.dloss, self.outputs, JV, retain_graph=True, is_grads_batched=True
+            )
+            return self.vec.join_block(self.graph.vjp(HJV))

@@ -5,7 +5,9 @@ implements it:
 
 * :func:`evaluate` calls the closure under ``torch.enable_grad()``, validates what it returns
   (a scalar loss, or ``(loss, outputs)``), and reads the gradient from ``p.grad``.
-* With ``create_graph=True`` the closure runs inside :func:`graph_mode`, which temporarily
+* With ``create_graph=True`` (or ``retain_graph=True``) the closure runs inside
+  :func:`graph_mode` and :func:`hesse.objective.math_attention` (the fused attention kernels
+  have no double backward), which temporarily
   replaces :func:`torch.autograd.backward` (and hence ``Tensor.backward``) by a version that
   computes ``torch.autograd.grad(loss, params, create_graph=True)``. The gradients keep their
   graph (so Hessian-vector products are one more backward pass), ``p.grad`` still receives the
@@ -25,8 +27,9 @@ import torch
 from torch import Tensor
 
 from .._checks import NonFiniteError, warn_once
+from ..objective import math_attention
 
-__all__ = ["Evaluation", "evaluate", "graph_mode", "loss_only"]
+__all__ = ["Evaluation", "closure_loss", "evaluate", "graph_mode", "loss_only"]
 
 
 class _GraphContext:
@@ -165,6 +168,25 @@ def loss_only(closure: Callable[[], Any]) -> float:
     return f if math.isfinite(f) else math.inf
 
 
+def closure_loss(closure: Callable[[], Any] | None) -> Tensor | None:
+    """Run an optional torch-style closure (first-order style: it fills ``p.grad``).
+
+    Returns its loss, detached, or ``None`` without a closure; a non-finite loss raises
+    :class:`~hesse.NonFiniteError` before the optimizer touches anything.
+    """
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        loss, _ = _unpack(closure())
+    loss = loss.detach()
+    if not bool(torch.isfinite(loss).all()):
+        raise NonFiniteError(
+            f"The closure returned a non-finite loss ({float(loss)}); parameters and optimizer "
+            "state are unchanged."
+        )
+    return loss
+
+
 def evaluate(
     closure: Callable[[], Any] | None,
     params: Sequence[Tensor],
@@ -200,7 +222,8 @@ def evaluate(
     graph_loss = None
     with torch.enable_grad():
         if create_graph or retain_graph:
-            with graph_mode(params, create_graph=create_graph) as ctx:
+            # second derivatives through attention need the twice-differentiable math backend
+            with math_attention(), graph_mode(params, create_graph=create_graph) as ctx:
                 ret = closure()
             loss, outputs = _unpack(ret)
             if ctx.calls == 0:

@@ -1,5 +1,7 @@
 """Trust-region machinery shared by SR1 and Newton: the exact dense subproblem and radius update.
 
+(The truncated-CG (Steihaug-Toint) subproblem is :func:`hesse.linalg.cg_solve` with ``radius``.)
+
 The subproblem
 
 .. math::
@@ -102,44 +104,3 @@ def update_radius(
     if rho > eta_grow and step_norm >= 0.99 * radius:
         return min(2.0 * radius, max_radius)
     return radius
-
-
-def steihaug_cg(
-    matvec, g: Tensor, radius: float, *, tol: float, max_iters: int
-) -> tuple[Tensor, int, str]:
-    """Steihaug-Toint truncated CG for the trust-region subproblem (N&W Algorithm 7.2).
-
-    Returns ``(p, num_matvecs, status)`` with status ``"converged"``, ``"boundary"``,
-    ``"negative_curvature"`` or ``"max_iters"``.
-    """
-    z = torch.zeros_like(g)
-    r = g.clone()
-    d = -r
-    rr = float(r.dot(r))
-    gn = math.sqrt(rr)
-    if gn == 0.0:
-        return z, 0, "converged"
-    eps = tol * gn
-
-    def to_boundary(z: Tensor, d: Tensor) -> Tensor:
-        a, b, c = float(d.dot(d)), 2.0 * float(z.dot(d)), float(z.dot(z)) - radius * radius
-        tau = (-b + math.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)
-        return z + tau * d
-
-    for j in range(max_iters):
-        Bd = matvec(d)
-        dBd = float(d.dot(Bd))
-        if dBd <= 0:
-            return to_boundary(z, d), j + 1, "negative_curvature"
-        alpha = rr / dBd
-        z_new = z + alpha * d
-        if float(z_new.norm()) >= radius:
-            return to_boundary(z, d), j + 1, "boundary"
-        r = r + alpha * Bd
-        rr_new = float(r.dot(r))
-        z = z_new
-        if math.sqrt(rr_new) <= eps:
-            return z, j + 1, "converged"
-        d = -r + (rr_new / rr) * d
-        rr = rr_new
-    return z, max_iters, "max_iters"

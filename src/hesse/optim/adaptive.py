@@ -19,19 +19,20 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._checks import check_choice, check_int, check_nonnegative, check_positive
+from .._checks import (
+    NonFiniteError,
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_positive,
+)
 from ..linalg._probes import rademacher
 from ..linalg.eigen import top_eigenpairs
 from ..operators.curvature import GGNOperator, HessianOperator
+from ._base import STATE_TAG, check_optimizer_params, check_state_dict
 from ._closure import evaluate
 
 __all__ = ["CurvatureLR", "AdaHessian", "SophiaH", "hutchinson_diagonal_of_graph"]
-
-
-def _check_unit(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"Invalid {name}={value!r}; must lie in [0, 1).")
-    return float(value)
 
 
 def _check_betas(betas: Any) -> tuple[float, float]:
@@ -169,7 +170,35 @@ class CurvatureLR:
         return [cls(self.model, self.loss_fn, self.data, params=all_names, **kw)]
 
     def measure(self) -> list[float]:
-        """Measure ``lambda_max`` now and set the learning rates; returns the eigenvalues."""
+        """Measure ``lambda_max`` now and set the learning rates; returns the eigenvalues.
+
+        Raises:
+            NonFiniteError: a curvature product or ``lambda_max`` is not finite; learning
+                rates, warm starts and the generator are left as they were.
+        """
+        v0, rng = list(self._v0), self.generator.get_state()
+        try:
+            lams, results = self._measure()
+        except Exception:
+            self._v0 = v0
+            self.generator.set_state(rng)
+            raise
+        self.last_results = results
+        lrs = []
+        for gi, group in enumerate(self.optimizer.param_groups):
+            lam = lams[gi] if self.per_layer else lams[0]
+            if lam > 0:
+                lr = self.c * 2.0 / lam
+                if self.max_lr is not None:
+                    lr = min(lr, self.max_lr)
+                group["lr"] = lr
+            elif self.max_lr is not None:
+                group["lr"] = self.max_lr
+            lrs.append(float(group["lr"]))
+        self.history.append((self.steps, lams, lrs))
+        return lams
+
+    def _measure(self) -> tuple[list[float], list[Any]]:
         lams, results = [], []
         for i, op in enumerate(self._operators()):
             n = op.shape[0]
@@ -189,21 +218,13 @@ class CurvatureLR:
                 self._v0[i] = res.eigenvectors[:, 0].detach().clone()
                 lam = float(res.eigenvalues[0])
                 results.append(res)
+            if not math.isfinite(lam):
+                raise NonFiniteError(
+                    f"CurvatureLR measured a non-finite lambda_max ({lam}); learning rates are "
+                    "unchanged."
+                )
             lams.append(lam)
-        self.last_results = results
-        lrs = []
-        for gi, group in enumerate(self.optimizer.param_groups):
-            lam = lams[gi] if self.per_layer else lams[0]
-            if lam > 0 and math.isfinite(lam):
-                lr = self.c * 2.0 / lam
-                if self.max_lr is not None:
-                    lr = min(lr, self.max_lr)
-                group["lr"] = lr
-            elif self.max_lr is not None:
-                group["lr"] = self.max_lr
-            lrs.append(float(group["lr"]))
-        self.history.append((self.steps, lams, lrs))
-        return lams
+        return lams, results
 
     def step(self) -> None:
         """Count one optimizer step; re-measure every ``interval`` steps."""
@@ -220,9 +241,16 @@ class CurvatureLR:
             "v0": [None if v is None else v.clone() for v in self._v0],
             "generator": self.generator.get_state(),
             "history": list(self.history),
+            STATE_TAG: type(self).__name__,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_dict(self, state, ("steps", "v0", "generator", "history"))
+        if len(state["v0"]) != len(self._v0):
+            raise ValueError(
+                f"Invalid state_dict for CurvatureLR: {len(state['v0'])} warm starts, this "
+                f"scheduler measures {len(self._v0)} operators (per_layer={self.per_layer})."
+            )
         self.steps = int(state["steps"])
         self._v0 = [None if v is None else v.clone() for v in state["v0"]]
         self.generator.set_state(state["generator"])
@@ -271,7 +299,15 @@ def hutchinson_diagonal_of_graph(
 
 
 class _DiagonalCurvatureOptimizer(Optimizer):
-    """Shared plumbing: closure in graph mode, Hutchinson probes, generator state."""
+    """Shared skeleton of AdaHessian and SophiaH.
+
+    ``step(closure)`` runs the closure (keeping the gradient's graph, attention on the math
+    backend) every step, estimates ``diag(H)`` by Hutchinson every ``update_interval`` steps,
+    checks that loss, gradient and estimate are finite (else :class:`~hesse.NonFiniteError`
+    with nothing changed, the probe generator included), then calls ``_update`` per
+    parameter. Subclasses implement ``_check(group)``, ``_init_state(p)`` and
+    ``_update(p, group, state, grad, diag_or_None)``.
+    """
 
     def __init__(
         self,
@@ -280,44 +316,85 @@ class _DiagonalCurvatureOptimizer(Optimizer):
         num_probes: int,
         generator: torch.Generator | None,
     ):
+        self._check(defaults)
         super().__init__(params, defaults)
+        check_optimizer_params(self._params(), type(self).__name__)
+        for group in self.param_groups:
+            self._check(group)
         self.num_probes = check_int(num_probes, "num_probes")
         first = self.param_groups[0]["params"][0]
         self.generator = _make_generator(generator, first.device)
         self.steps = 0
 
+    def _check(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update(self, p: Tensor, group: dict, st: dict, g: Tensor, D: Tensor | None) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _evaluate(self, closure: Callable[[], Any], need_hessian: bool):
-        params = self._params()
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any]) -> Tensor:  # type: ignore[override]
+        """One step; ``closure`` as in :mod:`hesse.optim`. Returns the loss."""
         if closure is None:
             raise TypeError(
                 f"{type(self).__name__} needs a closure: opt.step(closure) with "
                 "def closure(): opt.zero_grad(); loss = f(); loss.backward(); return loss"
             )
-        ev = evaluate(closure, params, create_graph=need_hessian, require_finite=True)
+        for group in self.param_groups:  # hyperparameters may have been changed (schedulers)
+            self._check(group)
+        params = self._params()
+        need = self.steps % self.param_groups[0]["update_interval"] == 0
+        ev = evaluate(closure, params, create_graph=need, require_finite=True)
         diag = None
-        if need_hessian:
+        if need:
+            rng = self.generator.get_state()
             with torch.enable_grad():
                 diag = hutchinson_diagonal_of_graph(
                     ev.graph_grads, params, self.num_probes, self.generator
                 )
-        return ev, diag
+            bad = [i for i, d in enumerate(diag) if not bool(torch.isfinite(d).all())]
+            if bad:
+                self.generator.set_state(rng)  # the failed step never happened
+                raise NonFiniteError(
+                    f"Non-finite Hessian-diagonal estimate (NaN/inf in Hessian-vector products) "
+                    f"for parameters {bad}; parameters and optimizer state are unchanged. "
+                    "Likely causes: a non-twice-differentiable operation in the model or loss, "
+                    "or float16 overflow."
+                )
+        k = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if not st:
+                    st.update(self._init_state(p))
+                self._update(p, group, st, ev.grads[k], None if diag is None else diag[k])
+                k += 1
+        self.steps += 1
+        return ev.loss
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["generator"] = self.generator.get_state()
         sd["steps"] = self.steps
+        sd[STATE_TAG] = type(self).__name__
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        gen = state_dict.pop("generator", None)
-        self.steps = int(state_dict.pop("steps", 0))
+        check_state_dict(
+            self, state_dict, ("state", "param_groups", "generator", "steps"), self.defaults
+        )
+        state_dict = {k: v for k, v in state_dict.items() if k != STATE_TAG}
+        gen = state_dict.pop("generator")
+        steps = int(state_dict.pop("steps"))
         super().load_state_dict(state_dict)
-        if gen is not None:
-            self.generator.set_state(gen)
+        self.steps = steps
+        self.generator.set_state(gen)
 
 
 def _spatial_average(d: Tensor, p: Tensor) -> Tensor:
@@ -367,14 +444,6 @@ class AdaHessian(_DiagonalCurvatureOptimizer):
         num_probes: int = 1,
         generator: torch.Generator | None = None,
     ):
-        check_positive(lr, "lr")
-        betas = _check_betas(betas)
-        check_positive(eps, "eps")
-        check_nonnegative(weight_decay, "weight_decay")
-        check_positive(hessian_power, "hessian_power")
-        if hessian_power > 1:
-            raise ValueError(f"Invalid hessian_power={hessian_power!r}; must lie in (0, 1].")
-        check_int(update_interval, "update_interval")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -385,41 +454,37 @@ class AdaHessian(_DiagonalCurvatureOptimizer):
         )
         super().__init__(params, defaults, num_probes, generator)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any]) -> Tensor:  # type: ignore[override]
-        interval = self.param_groups[0]["update_interval"]
-        need = self.steps % interval == 0
-        ev, diag = self._evaluate(closure, need)
-        params = self._params()
-        k = 0
-        for group in self.param_groups:
-            check_positive(group["lr"], "lr")
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                g = ev.grads[k]
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_hessian_diag_sq"] = torch.zeros_like(p)
-                    st["hessian_diag"] = torch.zeros_like(p)
-                if diag is not None:
-                    st["hessian_diag"] = _spatial_average(diag[k], p)
-                k += 1
-                st["step"] += 1
-                t = st["step"]
-                D = st["hessian_diag"]
-                st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-                st["exp_hessian_diag_sq"].mul_(b2).addcmul_(D, D, value=1 - b2)
-                mhat = st["exp_avg"] / (1 - b1**t)
-                vhat = st["exp_hessian_diag_sq"] / (1 - b2**t)
-                denom = vhat.pow(group["hessian_power"] / 2).add_(group["eps"])
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(mhat, denom, value=-group["lr"])
-        del params
-        self.steps += 1
-        return ev.loss
+    def _check(self, group: dict[str, Any]) -> None:
+        check_positive(group["lr"], "lr")
+        group["betas"] = _check_betas(group["betas"])
+        check_positive(group["eps"], "eps")
+        check_nonnegative(group["weight_decay"], "weight_decay")
+        check_positive(group["hessian_power"], "hessian_power")
+        if group["hessian_power"] > 1:
+            raise ValueError(
+                f"Invalid hessian_power={group['hessian_power']!r}; must lie in (0, 1]."
+            )
+        check_int(group["update_interval"], "update_interval")
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        z = torch.zeros_like
+        return dict(step=0, exp_avg=z(p), exp_hessian_diag_sq=z(p), hessian_diag=z(p))
+
+    def _update(self, p: Tensor, group: dict, st: dict, g: Tensor, D: Tensor | None) -> None:
+        b1, b2 = group["betas"]
+        if D is not None:
+            st["hessian_diag"] = _spatial_average(D, p)
+        st["step"] += 1
+        t = st["step"]
+        D = st["hessian_diag"]
+        st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+        st["exp_hessian_diag_sq"].mul_(b2).addcmul_(D, D, value=1 - b2)
+        mhat = st["exp_avg"] / (1 - b1**t)
+        vhat = st["exp_hessian_diag_sq"] / (1 - b2**t)
+        denom = vhat.pow(group["hessian_power"] / 2).add_(group["eps"])
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(mhat, denom, value=-group["lr"])
 
 
 class SophiaH(_DiagonalCurvatureOptimizer):
@@ -463,12 +528,6 @@ class SophiaH(_DiagonalCurvatureOptimizer):
         num_probes: int = 1,
         generator: torch.Generator | None = None,
     ):
-        check_positive(lr, "lr")
-        betas = _check_betas(betas)
-        check_positive(rho, "rho")
-        check_positive(eps, "eps")
-        check_nonnegative(weight_decay, "weight_decay")
-        check_int(update_interval, "update_interval")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -479,28 +538,23 @@ class SophiaH(_DiagonalCurvatureOptimizer):
         )
         super().__init__(params, defaults, num_probes, generator)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any]) -> Tensor:  # type: ignore[override]
-        interval = self.param_groups[0]["update_interval"]
-        need = self.steps % interval == 0
-        ev, diag = self._evaluate(closure, need)
-        k = 0
-        for group in self.param_groups:
-            check_positive(group["lr"], "lr")
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                g = ev.grads[k]
-                st = self.state[p]
-                if not st:
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["hessian"] = torch.zeros_like(p)
-                if diag is not None:
-                    st["hessian"].mul_(b2).add_(diag[k], alpha=1 - b2)
-                k += 1
-                st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                denom = (group["rho"] * st["hessian"]).clamp_min(group["eps"])
-                p.add_((st["exp_avg"] / denom).clamp_(-1.0, 1.0), alpha=-group["lr"])
-        self.steps += 1
-        return ev.loss
+    def _check(self, group: dict[str, Any]) -> None:
+        check_positive(group["lr"], "lr")
+        group["betas"] = _check_betas(group["betas"])
+        check_positive(group["rho"], "rho")
+        check_positive(group["eps"], "eps")
+        check_nonnegative(group["weight_decay"], "weight_decay")
+        check_int(group["update_interval"], "update_interval")
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        return dict(exp_avg=torch.zeros_like(p), hessian=torch.zeros_like(p))
+
+    def _update(self, p: Tensor, group: dict, st: dict, g: Tensor, D: Tensor | None) -> None:
+        b1, b2 = group["betas"]
+        if D is not None:
+            st["hessian"].mul_(b2).add_(D, alpha=1 - b2)
+        st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        denom = (group["rho"] * st["hessian"]).clamp_min(group["eps"])
+        p.add_((st["exp_avg"] / denom).clamp_(-1.0, 1.0), alpha=-group["lr"])

@@ -138,6 +138,10 @@ class HessianFree(SecondOrderOptimizer):
             c1=c1,
         )
         super().__init__(params, defaults)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Invalid generator={generator!r}; must be a torch.Generator or None.")
+        if generator is None:
+            generator = torch.Generator(device=self._vec.device).manual_seed(0)
         self.generator = generator
 
     def _validate(self, group: dict[str, Any]) -> None:
@@ -157,7 +161,7 @@ class HessianFree(SecondOrderOptimizer):
 
     def _curvature_operator(self, ev):
         if self._hp("curvature") == "hessian":
-            return GradHVPOperator(self._vec, ev.graph_grads or [])
+            return GradHVPOperator.from_evaluation(self._vec, ev)
         if ev.outputs is None:
             raise ValueError(
                 "HessianFree(curvature='ggn') needs the model outputs: return (loss, outputs) "
@@ -181,21 +185,19 @@ class HessianFree(SecondOrderOptimizer):
         loss, f = ev.loss, ev.f
         op = self._curvature_operator(cev)
         lam = float(st.get("lam", self._hp("damping")))
-        try:
-            self._solve(op, g, lam)  # products end here: the graph dies when x moves
-            d, f_d, q = self._backtrack(closure, x, f)
-            rho = (f_d - f) / q if q < 0 and math.isfinite(f_d) else -math.inf
-            if self._hp("adapt_damping"):
-                if rho < 0.25:
-                    lam *= 1.5
-                elif rho > 0.75:
-                    lam *= 2.0 / 3.0
-                st["lam"] = lam
-            st["rho"] = rho
-            st["prev_dir"] = d
-            self._armijo(closure, x, f, g, d, f_d)
-        finally:
-            st["hvps"] += op.num_matvecs
+        self._solve(op, g, lam)  # products end here: the graph dies when x moves
+        st["hvps"] += op.num_matvecs
+        d, f_d, q = self._backtrack(closure, x, f)
+        rho = (f_d - f) / q if q < 0 and math.isfinite(f_d) else -math.inf
+        if self._hp("adapt_damping"):
+            if rho < 0.25:
+                lam *= 1.5
+            elif rho > 0.75:
+                lam *= 2.0 / 3.0
+            st["lam"] = lam
+        st["rho"] = rho
+        st["prev_dir"] = d
+        self._armijo(closure, x, f, g, d, f_d)
         return loss
 
     def _graph_evaluate(self, closure, hess: bool):
@@ -217,8 +219,6 @@ class HessianFree(SecondOrderOptimizer):
         pre = None
         if self._hp("preconditioner") == "diagonal":
             gen = self.generator
-            if gen is None:
-                gen = self.generator = torch.Generator(device=self._vec.device).manual_seed(0)
             if "rng_state" in st:  # resume the probe stream exactly (state_dict round trip)
                 gen.set_state(torch.frombuffer(bytearray(st["rng_state"]), dtype=torch.uint8))
             diag = hutchinson_diagonal(

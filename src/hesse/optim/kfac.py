@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._checks import check_choice, check_int, check_nonnegative, check_positive
+from .._checks import (
+    NonFiniteError,
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_positive,
+)
 from ..func import loss_kind, reduction_scale
 from ..operators.kfac import (
     FISHER_KINDS,
@@ -33,6 +39,8 @@ from ..operators.kfac import (
     find_kfac_layers,
     output_gradient_factors,
 )
+from ._base import STATE_TAG, check_optimizer_params, check_state_dict, params_and_model
+from ._closure import closure_loss
 
 __all__ = ["KFAC", "KFACPreconditioner"]
 
@@ -144,6 +152,7 @@ class KFACPreconditioner:
             generator = torch.Generator(device=dev)
             generator.seed()
         self.generator = generator
+        self._rng = generator.get_state()  # at the last completed step (see discard_pending)
         self.layers, self.skipped = find_kfac_layers(
             model, None, check_choice(unsupported, "unsupported", UNSUPPORTED_POLICIES)
         )
@@ -285,7 +294,12 @@ class KFACPreconditioner:
         """Update factors/inverses when due, then precondition the gradients in place.
 
         Returns the KL-clipping factor ``nu`` (0-d tensor), or ``None`` without ``kl_clip``.
+
+        Raises:
+            NonFiniteError: a gradient or a recorded statistic holds NaN/inf; the recorded
+                statistics are discarded and nothing else changes (see :mod:`hesse.optim`).
         """
+        self.check_finite()
         if self.steps % self.factor_update_interval == 0:
             self.update_factors()
         if self.steps % self.inverse_update_interval == 0 or any(
@@ -294,7 +308,34 @@ class KFACPreconditioner:
             self.update_inverses()
         nu = self.precondition()
         self.steps += 1
+        self._rng = self.generator.get_state()
         return nu
+
+    def check_finite(self) -> None:
+        """Raise :class:`~hesse.NonFiniteError` (after :meth:`discard_pending`) if a gradient
+        of a factored layer or a statistic recorded since the last step is not finite."""
+
+        def finite(t: Tensor | None) -> bool:
+            return t is None or bool(torch.isfinite(t).all())
+
+        bad = [
+            layer.name or "<root>"
+            for i, layer in enumerate(self.layers)
+            if not all(
+                finite(t) for t in [p.grad for p in layer.params] + [self._A_sum[i], self._G_sum[i]]
+            )
+        ]
+        if bad:
+            self.discard_pending()
+            raise NonFiniteError(
+                f"Non-finite gradient or K-FAC statistic (NaN/inf) in layers {bad}; the "
+                "statistics of this step were discarded, parameters and factors are unchanged."
+            )
+
+    def discard_pending(self) -> None:
+        """Forget the statistics recorded since the last step and rewind the generator."""
+        self._reset_pending()
+        self.generator.set_state(self._rng)
 
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -308,9 +349,11 @@ class KFACPreconditioner:
             "generator": self.generator.get_state(),
             "damping": self.damping,
             "lr": self.lr,
+            STATE_TAG: type(self).__name__,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_dict(self, state, ("steps", "factors", "eig", "generator", "damping", "lr"))
         if len(state["factors"]) != len(self.layers):
             raise ValueError(
                 f"State holds {len(state['factors'])} K-FAC layers, the model has "
@@ -328,6 +371,7 @@ class KFACPreconditioner:
         self.damping = float(state["damping"])
         self.lr = float(state["lr"])
         self._reset_pending()
+        self._rng = self.generator.get_state()
 
     def remove(self) -> None:
         """Remove all hooks (the preconditioner stops recording)."""
@@ -380,24 +424,27 @@ class KFAC(Optimizer):
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: Callable,
+        params: Any,
+        loss_fn: Callable | None = None,
         lr: float = 0.1,
         momentum: float = 0.9,
         damping: float = 1e-3,
         weight_decay: float = 0.0,
         kl_clip: float | None = 1e-2,
+        *,
+        model: nn.Module | None = None,
         **kwargs: Any,
     ):
+        params, model = params_and_model(params, model, "KFAC")
+        if loss_fn is None:
+            raise TypeError("KFAC needs loss_fn= (the likelihood loss the model is trained with).")
         check_positive(lr, "lr")
         _check_decay(momentum, "momentum")
         check_positive(damping, "damping")
         check_nonnegative(weight_decay, "weight_decay")
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("The model has no parameters that require grad.")
         defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        check_optimizer_params([p for g in self.param_groups for p in g["params"]], "KFAC")
         self.model = model
         self.loss_fn = loss_fn
         self.preconditioner = KFACPreconditioner(
@@ -406,12 +453,15 @@ class KFAC(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-            if isinstance(loss, torch.Tensor):
-                loss = loss.detach()
+        try:  # a non-finite loss, gradient or statistic raises before anything is written
+            loss = closure_loss(closure)
+            self.preconditioner.check_finite()
+            for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
+                if not bool(torch.isfinite(p.grad).all()):
+                    raise NonFiniteError(f"Non-finite gradient of a parameter {tuple(p.shape)}.")
+        except NonFiniteError:
+            self.preconditioner.discard_pending()
+            raise
         for group in self.param_groups:
             check_positive(group["lr"], "lr")
             wd = group["weight_decay"]
@@ -443,11 +493,12 @@ class KFAC(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["kfac"] = self.preconditioner.state_dict()
+        sd[STATE_TAG] = type(self).__name__
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        kfac = state_dict.pop("kfac", None)
+        check_state_dict(self, state_dict, ("state", "param_groups", "kfac"), self.defaults)
+        state_dict = {k: v for k, v in state_dict.items() if k != STATE_TAG}
+        kfac = state_dict.pop("kfac")
+        self.preconditioner.load_state_dict(kfac)
         super().load_state_dict(state_dict)
-        if kfac is not None:
-            self.preconditioner.load_state_dict(kfac)

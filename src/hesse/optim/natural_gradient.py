@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._checks import check_choice, check_int, check_positive
+from .._checks import check_choice, check_finite, check_int, check_positive
 from ..func import loss_kind
 from ..linalg.solve import CGResult, cg_solve
 from ..operators.curvature import FisherOperator
 from ..operators.kfac import KFACOperator
+from ._base import STATE_TAG, Rollback, check_optimizer_params, check_state_dict, params_and_model
 from ._closure import evaluate
 
 __all__ = ["NaturalGradient"]
@@ -79,8 +80,8 @@ class NaturalGradient(Optimizer):
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: nn.Module,
+        params: Any,
+        loss_fn: nn.Module | None = None,
         lr: float = 1.0,
         damping: float = 1e-3,
         method: str = "cg",
@@ -90,9 +91,14 @@ class NaturalGradient(Optimizer):
         tol: float = 1e-6,
         num_samples: int = 1,
         generator: torch.Generator | None = None,
+        *,
+        model: nn.Module | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        params, model = params_and_model(params, model, "NaturalGradient")
+        if loss_fn is None:
+            raise TypeError(
+                "NaturalGradient needs loss_fn= (the likelihood loss the closure calls)."
+            )
         if not isinstance(loss_fn, nn.Module):
             raise TypeError(
                 "loss_fn must be an nn.Module (nn.MSELoss, nn.CrossEntropyLoss, "
@@ -114,10 +120,9 @@ class NaturalGradient(Optimizer):
         self.num_samples = check_int(num_samples, "num_samples")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"Invalid generator={generator!r}; must be a torch.Generator or None.")
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("The model has no parameters that require grad.")
         super().__init__(params, dict(lr=lr, damping=damping, momentum=momentum))
+        params = [p for g in self.param_groups for p in g["params"]]
+        check_optimizer_params(params, "NaturalGradient")
         if generator is None:
             generator = torch.Generator(device=params[0].device)
             generator.seed()
@@ -126,6 +131,7 @@ class NaturalGradient(Optimizer):
         self.loss_fn = loss_fn
         self.last_solve: CGResult | None = None
         self._batch: dict[str, Any] = {}
+        self._names(params)
 
     def _record(self):
         batch = self._batch = {}
@@ -162,36 +168,15 @@ class NaturalGradient(Optimizer):
         g = torch.cat([t.reshape(-1) for t in ev.grads])
         group0 = self.param_groups[0]
         damping = check_positive(group0["damping"], "damping")
+        for group in self.param_groups:
+            check_positive(group["lr"], "lr")
         names = self._names(params)
-        if self.method == "cg":
-            F = FisherOperator(
-                self.model,
-                self.loss_fn,
-                data,
-                params=names,
-                kind=self.fisher,
-                num_samples=self.num_samples,
-                generator=self.generator,
-                check_determinism=False,
-            )
-            x0 = self.state[params[0]].get("direction")
-            with torch.enable_grad():
-                res = cg_solve(F, g, damping=damping, x0=x0, tol=self.tol, max_iters=self.max_iters)
+        with Rollback((), (), [self.generator]):
+            d, res = self._direction(data, names, g, damping, params)
+            check_finite(d, "the natural-gradient direction (Fisher solve)")
+        if res is not None:
             self.last_solve = res
-            d = res.solution
             self.state[params[0]]["direction"] = d.clone()
-        else:
-            K = KFACOperator(
-                self.model,
-                self.loss_fn,
-                data,
-                params=names,
-                fisher=self.fisher,
-                num_samples=self.num_samples,
-                generator=self.generator,
-            )
-            with torch.enable_grad():
-                d = K.inverse(damping) @ g
         offset = 0
         for group in self.param_groups:
             lr, mom = check_positive(group["lr"], "lr"), group["momentum"]
@@ -210,21 +195,53 @@ class NaturalGradient(Optimizer):
                 p.add_(dp, alpha=-lr)
         return ev.loss
 
+    def _direction(self, data, names, g, damping, params):
+        if self.method == "cg":
+            F = FisherOperator(
+                self.model,
+                self.loss_fn,
+                data,
+                params=names,
+                kind=self.fisher,
+                num_samples=self.num_samples,
+                generator=self.generator,
+                check_determinism=False,
+            )
+            x0 = self.state[params[0]].get("direction") if params[0] in self.state else None
+            with torch.enable_grad():
+                res = cg_solve(F, g, damping=damping, x0=x0, tol=self.tol, max_iters=self.max_iters)
+            return res.solution, res
+        K = KFACOperator(
+            self.model,
+            self.loss_fn,
+            data,
+            params=names,
+            fisher=self.fisher,
+            num_samples=self.num_samples,
+            generator=self.generator,
+        )
+        with torch.enable_grad():
+            return K.inverse(damping) @ g, None
+
     def _names(self, params: list[Tensor]) -> list[str]:
         by_id = {id(p): n for n, p in self.model.named_parameters()}
         missing = [i for i, p in enumerate(params) if id(p) not in by_id]
         if missing:
-            raise ValueError("NaturalGradient's parameters must belong to the model.")
+            raise ValueError(
+                f"NaturalGradient's parameters {missing} do not belong to model; pass "
+                "model.parameters() (or a subset of them)."
+            )
         return [by_id[id(p)] for p in params]
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["generator"] = self.generator.get_state()
+        sd[STATE_TAG] = type(self).__name__
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        gen = state_dict.pop("generator", None)
+        check_state_dict(self, state_dict, ("state", "param_groups", "generator"), self.defaults)
+        state_dict = {k: v for k, v in state_dict.items() if k != STATE_TAG}
+        gen = state_dict.pop("generator")
         super().load_state_dict(state_dict)
-        if gen is not None:
-            self.generator.set_state(gen)
+        self.generator.set_state(gen)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int, check_nonnegative, check_positive
+from .._checks import check_choice, check_finite, check_int, check_nonnegative, check_positive
 from ..linalg.solve import cg_solve
 from ._base import GradHVPOperator, SecondOrderOptimizer
 from ._line_search import strong_wolfe
@@ -180,6 +180,7 @@ class Newton(SecondOrderOptimizer):
         n = self._vec.n
         eye = torch.eye(n, dtype=self._vec.dtype, device=self._vec.device)
         H = op.matmat(eye)
+        check_finite(H, "the Hessian at the current parameters (curvature products)")
         return 0.5 * (H + H.T)
 
     def _cg_tol(self, g: Tensor) -> float:
@@ -251,24 +252,22 @@ class Newton(SecondOrderOptimizer):
         tol = self._hp("tolerance_grad")
         if tol > 0 and float(g.abs().max()) <= tol:
             return loss
-        op = GradHVPOperator(self._vec, ev.graph_grads or [])
+        op = GradHVPOperator.from_evaluation(self._vec, ev)
         rule = self._hp("step_rule")
         damping = float(st.get("lam", self._hp("damping")))
         dense = self._dense_mode()
         H = self._dense_hessian(op) if dense else None
-        try:
-            if rule == "trust_region":
-                self._trust_region_step(closure, x, f, g, op, H, damping)
-            elif rule == "levenberg_marquardt":
-                self._lm_step(closure, x, f, g, op, H, damping)
+        if rule == "trust_region":
+            self._trust_region_step(closure, x, f, g, op, H, damping)
+        elif rule == "levenberg_marquardt":
+            self._lm_step(closure, x, f, g, op, H, damping)
+        else:
+            if dense:
+                d = self._exact_direction(H, g, damping)
             else:
-                if dense:
-                    d = self._exact_direction(H, g, damping)
-                else:
-                    d = self._cg_direction(op, g, damping)
-                self._line_step(closure, x, f, g, d, rule)
-        finally:
-            st["hvps"] += op.num_matvecs
+                d = self._cg_direction(op, g, damping)
+            self._line_step(closure, x, f, g, d, rule)
+        st["hvps"] += op.num_matvecs
         return loss
 
     def _restart(self, x: Tensor) -> None:

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int, check_nonnegative, check_positive
+from ..linalg.solve import cg_solve
 from ._base import SecondOrderOptimizer
 from ._line_search import strong_wolfe
-from ._trust_region import solve_dense_subproblem, steihaug_cg
+from ._trust_region import solve_dense_subproblem
 
 __all__ = ["BFGS", "DFP", "LBFGS", "SR1"]
 
@@ -535,9 +536,9 @@ class SR1(SecondOrderOptimizer):
         if mode == "exact":
             p, pred, _ = solve_dense_subproblem(B, g, radius)
         else:
-            p, _, _ = steihaug_cg(
-                lambda v: B @ v, g, radius, tol=1e-6, max_iters=self._hp("cg_max_iters")
-            )
+            p = cg_solve(
+                B, -g, radius=radius, tol=1e-6, max_iters=self._hp("cg_max_iters")
+            ).solution
             pred = -float(g.dot(p) + 0.5 * p.dot(B @ p))
         pnorm = float(p.norm())
         x_new = x + p

@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._checks import check_choice, check_int, check_nonnegative, check_positive
+from .._checks import check_choice, check_finite, check_int, check_nonnegative, check_positive
 from ..linalg.matrix_functions import matrix_inverse_root
+from ._base import STATE_TAG, check_optimizer_params, check_state_dict
+from ._closure import closure_loss as _closure_loss
 
 __all__ = ["Shampoo"]
 
@@ -117,6 +119,7 @@ class Shampoo(Optimizer):
         )
         self._validate(defaults)
         super().__init__(params, defaults)
+        check_optimizer_params([p for g in self.param_groups for p in g["params"]], "Shampoo")
         for group in self.param_groups:
             self._validate(group)
 
@@ -141,9 +144,8 @@ class Shampoo(Optimizer):
         if group["exponent_override"] is not None:
             check_int(group["exponent_override"], "exponent_override")
 
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        st = self.state[p]
-        st["step"] = 0
+    def _fresh_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        st: dict[str, Any] = {"step": 0}
         dims = [i for i, d in enumerate(p.shape) if 1 < d <= group["max_preconditioner_dim"]]
         st["dims"] = dims
         st["stats"] = [
@@ -158,71 +160,93 @@ class Shampoo(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One Shampoo step (``closure`` optional, as in ``torch.optim``)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-            if isinstance(loss, torch.Tensor):
-                loss = loss.detach()
+        """One Shampoo step (``closure`` optional, as in ``torch.optim``).
+
+        The new statistics and roots are computed first and checked; a non-finite loss,
+        gradient, statistic or root raises :class:`~hesse.NonFiniteError` with parameters
+        and state unchanged.
+        """
+        loss = _closure_loss(closure)
+        work = []
         for group in self.param_groups:
             self._validate(group)
-            lr, mom, beta2 = group["lr"], group["momentum"], group["beta2"]
-            eps, wd = group["epsilon"], group["weight_decay"]
-            graft = group["grafting"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise NotImplementedError("Shampoo does not support sparse gradients.")
-                st = self.state[p] if self.state[p] else self._init_state(p, group)
-                g = p.grad
-                if wd:
-                    g = g.add(p, alpha=wd)
-                step = st["step"]
-                order = max(p.ndim, 1)
-                root = group["exponent_override"] or 2 * order
-                # statistics and roots
-                for j, i in enumerate(st["dims"]):
-                    gram = _unfold_gram(g, i)
-                    if beta2 < 1.0:
-                        st["stats"][j].mul_(beta2).add_(gram, alpha=1.0 - beta2)
-                    else:
-                        st["stats"][j].add_(gram)
-                if step % group["update_interval"] == 0:
-                    for j, _ in enumerate(st["dims"]):
-                        st["roots"][j] = matrix_inverse_root(
-                            st["stats"][j], root, eps=eps, method=group["root_method"]
-                        )
-                P = g
-                for j, i in enumerate(st["dims"]):
-                    P = _mode_product(st["roots"][j], P, i)
-                # grafting
-                if graft != "none":
-                    if graft == "sgd":
-                        G_dir = g
-                    elif graft == "adagrad":
-                        st["graft_sq"].addcmul_(g, g)
-                        G_dir = g / (st["graft_sq"].sqrt() + group["graft_eps"])
-                    else:
-                        b1, b2 = group["graft_betas"]
-                        st["graft_m"].mul_(b1).add_(g, alpha=1 - b1)
-                        st["graft_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                        mhat = st["graft_m"] / (1 - b1 ** (step + 1))
-                        vhat = st["graft_sq"] / (1 - b2 ** (step + 1))
-                        G_dir = mhat / (vhat.sqrt() + group["graft_eps"])
-                    pn = P.norm()
-                    scale = torch.where(
-                        pn > 0, G_dir.norm() / pn.clamp_min(1e-30), pn.new_zeros(())
-                    )
-                    P = P * scale
-                if mom:
-                    buf = st.get("momentum_buffer")
-                    if buf is None:
-                        buf = st["momentum_buffer"] = P.clone()
-                    else:
-                        buf.mul_(mom).add_(P)
-                    P = buf
-                p.add_(P, alpha=-lr)
-                st["step"] = step + 1
+                work.append((group, p, self._new_statistics(p, group)))
+        for group, p, (g, stats, roots) in work:
+            self._apply(p, group, g, stats, roots)
         return loss
+
+    def _new_statistics(self, p: Tensor, group: dict[str, Any]):
+        """``(g, stats, roots)`` of this step, out of place (nothing is written)."""
+        st = self.state.get(p) or self._fresh_state(p, group)
+        g = p.grad
+        check_finite(g, f"the gradient of a parameter of shape {tuple(p.shape)} (Shampoo)")
+        if group["weight_decay"]:
+            g = g.add(p, alpha=group["weight_decay"])
+        beta2 = group["beta2"]
+        stats = []
+        for j, i in enumerate(st["dims"]):
+            gram = _unfold_gram(g, i)
+            old = st["stats"][j]
+            stats.append(old * beta2 + gram * (1.0 - beta2) if beta2 < 1.0 else old + gram)
+        roots = list(st["roots"])
+        if st["step"] % group["update_interval"] == 0:
+            root = group["exponent_override"] or 2 * max(p.ndim, 1)
+            roots = [
+                matrix_inverse_root(S, root, eps=group["epsilon"], method=group["root_method"])
+                for S in stats
+            ]
+        for S, R in zip(stats, roots):
+            check_finite(S, "a Shampoo statistic")
+            check_finite(R, "a Shampoo inverse root")
+        return g, stats, roots
+
+    def _apply(self, p: Tensor, group: dict, g: Tensor, stats: list, roots: list) -> None:
+        st = self.state[p]
+        if not st:
+            st.update(self._fresh_state(p, group))
+        step = st["step"]
+        st["stats"], st["roots"] = stats, roots
+        P = g
+        for j, i in enumerate(st["dims"]):
+            P = _mode_product(roots[j], P, i)
+        graft = group["grafting"]
+        if graft != "none":
+            if graft == "sgd":
+                G_dir = g
+            elif graft == "adagrad":
+                st["graft_sq"].addcmul_(g, g)
+                G_dir = g / (st["graft_sq"].sqrt() + group["graft_eps"])
+            else:
+                b1, b2 = group["graft_betas"]
+                st["graft_m"].mul_(b1).add_(g, alpha=1 - b1)
+                st["graft_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                mhat = st["graft_m"] / (1 - b1 ** (step + 1))
+                vhat = st["graft_sq"] / (1 - b2 ** (step + 1))
+                G_dir = mhat / (vhat.sqrt() + group["graft_eps"])
+            pn = P.norm()
+            scale = torch.where(pn > 0, G_dir.norm() / pn.clamp_min(1e-30), pn.new_zeros(()))
+            P = P * scale
+        mom = group["momentum"]
+        if mom:
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = P.clone()
+            else:
+                buf.mul_(mom).add_(P)
+            P = buf
+        p.add_(P, alpha=-group["lr"])
+        st["step"] = step + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd[STATE_TAG] = type(self).__name__
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_dict(self, state_dict, ("state", "param_groups"), self.defaults)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_TAG})
