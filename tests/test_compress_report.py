@@ -134,7 +134,7 @@ def test_cli_default_workload(tmp_path, capsys):
             "",
             "--prune-methods",
             "magnitude,obs",
-            "--quiet",
+            "--no-progress",
             "--no-plots",
         ]
     )
@@ -149,7 +149,9 @@ def test_cli_default_workload(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--sparsity", "abc"], "cannot parse"),
+        (["--sparsity", "abc"], "not a list of numbers"),
+        (["--bits", "4"], "--average-bits 3 cannot be met"),
+        (["--bits", "2.5"], "--bits"),
         (["--widths", "32,10"], "--widths"),
         (["--data", "x:y"], "need --model"),
         (["--steps", "-1"], "--steps"),
@@ -174,8 +176,8 @@ def test_cli_bad_method_is_a_usage_error(tmp_path, capsys):
             "1",
             "--prune-methods",
             "random",
-            "--quiet",
+            "--no-progress",
         ]
     )
     assert code == 2
-    assert "prune method" in capsys.readouterr().err
+    assert "--prune-methods" in capsys.readouterr().err

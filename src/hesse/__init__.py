@@ -54,6 +54,7 @@ from .operators import (
     curvature_operator,
     hessian_of,
 )
+from .report import load_report
 
 __all__ = [
     "BlockSpectra",
@@ -90,6 +91,7 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "layer_max_stable_lr",
+    "load_report",
     "max_stable_lr",
     "minres_solve",
     "power_iteration",

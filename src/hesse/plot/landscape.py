@@ -18,7 +18,8 @@ def _figure(ax: Any, figsize: tuple[float, float]):
         return ax.figure, ax
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, layout="constrained")
+    fig = Figure(figsize=figsize)  # fixed margins: a layout engine costs ~0.5 s per figure
+    fig.subplots_adjust(left=0.15, right=0.97, bottom=0.14, top=0.9)
     return fig, fig.add_subplot(1, 1, 1)
 
 

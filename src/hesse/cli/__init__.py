@@ -1,8 +1,9 @@
-"""The ``hesse`` command line: one subcommand calls one public function.
+"""The ``hesse`` command line: thin shells, one subcommand per public function.
 
-Each subcommand lives in its own module exposing ``add_parser(subparsers)`` (which registers
-the subcommand and sets ``func``) so that this file only wires them together. User mistakes
-exit with code 2 and a one-line message, never a traceback.
+Each subcommand module exposes ``add_parser(subparsers)`` (registering the subcommand and
+setting ``func``); options, user-module loading and the output folder are shared in
+:mod:`hesse.cli._common`. User mistakes exit with code 2 and a one-line message, never a
+traceback; Ctrl-C exits 130 after saving what was finished.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from .. import __version__
+from ._common import UsageError
+
+__all__ = ["SUBCOMMANDS", "UsageError", "build_parser", "main"]
 
 # subcommand name -> module providing add_parser(subparsers)
 SUBCOMMANDS = {
-    "analyze": "hesse.report.analyze",
-    "compress": "hesse.compress.cli",
+    "analyze": "hesse.cli.analyze",
+    "compress": "hesse.cli.compress",
+    "track": "hesse.cli.track",
+    "plot": "hesse.cli.plot",
+    "compare": "hesse.cli.plot",
 }
-
-
-class UsageError(Exception):
-    """A user mistake: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hesse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in SUBCOMMANDS.values():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.add_parser(sub)
+    for name, module in SUBCOMMANDS.items():
+        importlib.import_module(module).add_parser(sub, name)
     return parser
 
 
