@@ -165,6 +165,7 @@ def cmd_blocks(args: argparse.Namespace) -> dict:
             data,
             num_probes=args.probes,
             num_steps=args.steps,
+            num_matvecs=args.eig_matvecs,
             generator=torch.Generator().manual_seed(0),
         )
         cpu = time.thread_time() - t
@@ -203,6 +204,7 @@ def cmd_blocks(args: argparse.Namespace) -> dict:
         "cnn_images": args.cnn_images,
         "probes": args.probes,
         "steps": args.steps,
+        "eig_matvecs": args.eig_matvecs,
     }
     return rows
 
@@ -279,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default="lm_blocks_out")
     b.add_argument("--lm-sequences", type=int, default=8)
     b.add_argument("--cnn-images", type=int, default=128)
-    b.add_argument("--probes", type=int, default=4)
-    b.add_argument("--steps", type=int, default=40)
+    b.add_argument("--probes", type=int, default=2)
+    b.add_argument("--steps", type=int, default=30)
+    b.add_argument("--eig-matvecs", type=int, default=30)
     q = sub.add_parser("compress")
     q.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     q.add_argument("--calib", type=int, default=128, help="calibration training sequences")

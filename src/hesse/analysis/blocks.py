@@ -240,6 +240,7 @@ def block_spectra(
     num_grid: int = 512,
     sigma: float | None = None,
     tol: float = 1e-3,
+    num_matvecs: int | None = None,
     trace_matvecs: int = 0,
     generator: torch.Generator | None = None,
     **operator_kwargs: Any,
@@ -283,6 +284,9 @@ def block_spectra(
         sigma: common smoothing width on the grid; default ``1/200`` of the grid span
             (for ``"radius"``: 0.01).
         tol: relative tolerance of ``lambda_max``.
+        num_matvecs: product budget of each ``lambda_max`` run (default that of
+            :func:`hesse.top_eigenpairs`); a block that does not converge within it is
+            flagged in ``lambda_max_converged``.
         trace_matvecs: ``> 0`` estimates each trace with :func:`hesse.trace` (XTrace) using
             that many products instead of the SLQ probes.
         generator: randomness of the probes and Lanczos starts.
@@ -321,7 +325,8 @@ def block_spectra(
         dens = spectral_density(
             sub, num_probes=num_probes, num_steps=min(num_steps, n_b), generator=generator
         )
-        eig = top_eigenpairs(sub, 1, tol=tol, generator=generator)
+        kw = {} if num_matvecs is None else {"num_matvecs": check_int(num_matvecs, "num_matvecs")}
+        eig = top_eigenpairs(sub, 1, tol=tol, generator=generator, **kw)
         if trace_matvecs:
             tr = trace(sub, num_matvecs=trace_matvecs, generator=generator)
             tr_val, tr_err = float(tr.estimate), float(tr.stderr)
