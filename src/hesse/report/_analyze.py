@@ -30,6 +30,7 @@ from torch import nn
 from .. import __version__
 from .._checks import check_int, check_positive
 from ..analysis.critical import (
+    LRBound,
     classify_critical_point,
     layer_max_stable_lr,
     spectrum_summary,
@@ -429,24 +430,25 @@ def analyze(
         run("per_layer", lambda c: _per_layer(op, gen))
     run("loss_slice", lambda c: _slice(model, loss_fn, data, top, float(loss), params, train_mode))
     # cheap: composes the results above, no new eigen-solves
-    results["critical"] = classify_critical_point(
-        op,
-        gradient=grad,
-        grad_tol=grad_tol,
-        eig_tol=eig_tol,
-        extremes=(top, low),
-        density=density,
-        generator=gen,
-    )
-    results["stopping_rule"] = stopping_rule(
-        op,
-        gradient=grad,
-        grad_tol=grad_tol,
-        eig_tol=eig_tol,
-        extremes=(top, low),
-        density=density,
-        generator=gen,
-    )
+    if not op.psd:  # the GGN/Fisher cannot tell a minimum from a saddle: refused
+        results["critical"] = classify_critical_point(
+            op,
+            gradient=grad,
+            grad_tol=grad_tol,
+            eig_tol=eig_tol,
+            extremes=(top, low),
+            density=density,
+            generator=gen,
+        )
+        results["stopping_rule"] = stopping_rule(
+            op,
+            gradient=grad,
+            grad_tol=grad_tol,
+            eig_tol=eig_tol,
+            extremes=(top, low),
+            density=density,
+            generator=gen,
+        )
     results["summary"] = spectrum_summary(density, None, null_tol=eig_tol)
     timings["total"] = time.perf_counter() - t_all
     return _assemble(info, results, timings=timings)
@@ -520,8 +522,7 @@ def _assemble(info: dict, results: dict, *, timings: dict | None = None) -> Anal
                 lambda_min_converged=bool(low.converged),
                 lambda_min_hvps=low.num_matvecs,
             )
-        lam = float(top.eigenvalues[0])
-        limit = 2.0 / lam if lam > 0 else math.inf
+        limit = LRBound.from_eigen(top).value  # 2 / (theta + residual): conservative
         d["learning_rate"] = {
             "max_stable_lr": _f(limit),
             "recommended_lr": _f(0.5 * limit),
