@@ -461,7 +461,12 @@ class GGNProductOperator(LinearOperator):
             return torch.zeros_like(V)
         with torch.enable_grad():
             JV = self.graph.jmp(self.vec.split_block(V))  # (k, *out)
+            batched = V.shape[1] > 1
             (HJV,) = torch.autograd.grad(
-                self.dloss, self.outputs, JV, retain_graph=True, is_grads_batched=True
+                self.dloss,
+                self.outputs,
+                JV if batched else JV[0],
+                retain_graph=True,
+                is_grads_batched=batched,
             )
-            return self.vec.join_block(self.graph.vjp(HJV))
+            return self.vec.join_block(self.graph.vjp(HJV if batched else HJV.unsqueeze(0)))
