@@ -212,6 +212,9 @@ def test_track_writes_history_and_plot(tmp_path, capsys):
     hist = hesse.load_report(out / "sharpness.json")
     assert len(hist.history) == 2 and hist.history[0].lambda_max > 0
     assert (out / "sharpness.png").stat().st_size > 0
+    (out / "sharpness.png").unlink()
+    assert main(["plot", str(out / "sharpness.json")]) == 0
+    assert (out / "sharpness.png").stat().st_size > 0
     bad = ["track", "--model", f"{FIX}:model", "--data", f"{FIX}:data", "--out", str(out)]
     assert main([*bad, "--optimizer", "Nope"]) == 2
     assert main([*bad, "--optimizer-args", "momentum"]) == 2
@@ -258,3 +261,24 @@ def test_per_layer_plot_stays_readable_with_many_blocks():
     assert "top 20 of 500" in fig._suptitle.get_text()
     one = plot_layer_curvature({"w": 1.0})
     assert [t.get_text() for t in one.axes[0].get_yticklabels()] == ["w"]
+
+
+def test_compression_report_round_trips(tmp_path):
+    from hesse.compress import CompressionReport
+
+    rep = CompressionReport(
+        name="x",
+        dense={"loss": 0.1, "accuracy": 0.9},
+        pruning=[{"method": "obs", "sparsity": 0.5, "loss": 0.2, "accuracy": 0.85}],
+        quantization=[
+            {"method": "rtn", "bits": 2, "loss": 0.3, "accuracy": 0.8, "layer_error": {"a": 1.0}}
+        ],
+    )
+    rep.save(tmp_path, plot=False)
+    back = hesse.load_report(tmp_path / "compress.json")
+    assert isinstance(back, CompressionReport) and back.to_dict() == rep.to_dict()
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "compress.png").stat().st_size > 0
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a hesse report"):
+        hesse.load_report(tmp_path / "x.json")

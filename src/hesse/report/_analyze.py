@@ -213,12 +213,7 @@ class TrackerHistory:
         from ..analysis.tracker import SharpnessRecord
 
         names = {f.name for f in dataclasses.fields(SharpnessRecord)}
-        recs = [
-            SharpnessRecord(
-                **{k: (math.nan if v is None else v) for k, v in r.items() if k in names}
-            )
-            for r in d["history"]
-        ]
+        recs = [SharpnessRecord(**{k: v for k, v in r.items() if k in names}) for r in d["history"]]
         return cls(
             recs,
             d["every"],
@@ -428,25 +423,11 @@ def analyze(
     if per_layer:
         run("per_layer", lambda c: _per_layer(op, gen))
     run("loss_slice", lambda c: _slice(model, loss_fn, data, top, float(loss), params, train_mode))
-    # cheap: composes the results above, no new eigen-solves
-    results["critical"] = classify_critical_point(
-        op,
-        gradient=grad,
-        grad_tol=grad_tol,
-        eig_tol=eig_tol,
-        extremes=(top, low),
-        density=density,
-        generator=gen,
-    )
-    results["stopping_rule"] = stopping_rule(
-        op,
-        gradient=grad,
-        grad_tol=grad_tol,
-        eig_tol=eig_tol,
-        extremes=(top, low),
-        density=density,
-        generator=gen,
-    )
+    if not op.psd:  # the critical-point kind and the stopping rule need the Hessian
+        # cheap: composes the results above, no new eigen-solves
+        kw = dict(gradient=grad, grad_tol=grad_tol, eig_tol=eig_tol, extremes=(top, low))
+        results["critical"] = classify_critical_point(op, density=density, generator=gen, **kw)
+        results["stopping_rule"] = stopping_rule(op, density=density, generator=gen, **kw)
     results["summary"] = spectrum_summary(density, None, null_tol=eig_tol)
     timings["total"] = time.perf_counter() - t_all
     return _assemble(info, results, timings=timings)
@@ -489,7 +470,7 @@ def _assemble(info: dict, results: dict, *, timings: dict | None = None) -> Anal
     info = unpack(info)
     model = {k: v for k, v in info.items() if k not in ("settings", "loss", "gradient_norm")}
     s = info["settings"]
-    hessian = model["curvature"] == "hessian"
+    hessian = not model.get("psd", model["curvature"] != "hessian")
     d: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "hesse_version": __version__,
