@@ -136,6 +136,42 @@ def test_interrupt_keeps_finished_stages_and_the_same_command_continues(
             assert done[key][k] == (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v)
 
 
+def test_ctrl_c_inside_a_solver_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    import hesse.report._analyze as ra
+
+    real = ra.spectral_density
+    seen = {}
+
+    class Interrupting(hesse.LinearOperator):
+        def __init__(self, op):
+            super().__init__(op.shape, op.dtype, op.device, symmetric=True)
+            self.op, self.calls = op, 0
+
+        def _matmat(self, V):
+            self.calls += 1
+            if self.calls > 4:
+                raise KeyboardInterrupt
+            return self.op.matmat(V)
+
+    def interrupted(op, **kw):
+        seen["checkpoint"] = Path(kw["checkpoint"])
+        return real(Interrupting(op), **{**kw, "checkpoint_every": 1})
+
+    out = tmp_path / "rep"
+    monkeypatch.setattr(ra, "spectral_density", interrupted)
+    assert _analyze(out, "--no-plots") == 130
+    assert "run the same command again" in capsys.readouterr().err
+    assert seen["checkpoint"].is_file()  # the solver's own state, mid-run
+    monkeypatch.setattr(ra, "spectral_density", real)
+    assert _analyze(out, "--no-plots") == 0
+    done = json.loads((out / "report.json").read_text())
+    ref_out = tmp_path / "ref"
+    assert _analyze(ref_out, "--no-plots") == 0
+    ref = json.loads((ref_out / "report.json").read_text())
+    assert done["complete"] and done["spectrum"]["density"] == ref["spectrum"]["density"]
+    assert done["trace"]["slq"] == pytest.approx(ref["trace"]["slq"], rel=1e-4)
+
+
 def test_a_crash_in_a_later_stage_keeps_the_earlier_ones(tmp_path, monkeypatch):
     import hesse.report._analyze as ra
 
