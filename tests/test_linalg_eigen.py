@@ -160,7 +160,8 @@ def test_warm_start_with_exact_vectors():
     assert res.converged and res.num_matvecs <= 2
     torch.testing.assert_close(res.eigenvalues, lam[-1:], rtol=1e-12, atol=0)
     res3 = top_eigenpairs(A, 3, v0=U[:, -3:])
-    assert res3.converged and res3.num_matvecs <= 3
+    # the 3 products, plus one block that shows the rest of the spectrum is separated
+    assert res3.converged and res3.num_matvecs <= 3 + 1
     res_s = top_eigenpairs(A, 1, "smallest", v0=U[:, 0])
     assert res_s.converged and res_s.num_matvecs <= 2
 
@@ -322,3 +323,55 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     assert not path.exists()
     assert res.num_matvecs == ref.num_matvecs and res.num_restarts == ref.num_restarts
     torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=0, atol=0)
+
+
+def _clustered(n: int, seed: int, repeats: bool) -> torch.Tensor:
+    """Top of the spectrum in tight clusters (optionally exact repeats), a bulk below."""
+    g = gen(seed + 7)
+    centers = torch.tensor([1.0, 0.8, 0.6], dtype=torch.float64)
+    spread = torch.tensor([0.0, 0.02, 0.04, 0.06], dtype=torch.float64).repeat(3)
+    top = centers.repeat_interleave(4) - spread * (
+        1 + torch.rand(12, generator=g, dtype=torch.float64)
+    )
+    if repeats:
+        top[1] = top[0]  # an exact double eigenvalue
+    bulk = 0.5 * torch.rand(n - 12, generator=g, dtype=torch.float64)
+    return torch.cat([top, bulk])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_converged_holds_the_wanted_eigenvalues_of_clusters(seed):
+    """Clustered top spectrum (clusters of 4, 2-6% apart), random start, tight tol: a
+    converged result holds the k largest eigenvalues in order, not a lower one in place of
+    a missing one. (With loose tolerances single-vector Lanczos can stop before a cluster
+    member shows up; see top_eigenpairs' docstring.)"""
+    lam = _clustered(80, seed, repeats=False)
+    A = with_spectrum(lam, seed)
+    for k in (2, 4, 6, 9):
+        ref = torch.sort(lam, descending=True).values[:k]
+        res = top_eigenpairs(A, k, tol=1e-6, generator=gen(seed))
+        assert res.converged
+        torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-5, atol=0)
+
+
+def test_separation_guard():
+    """Converged only when the first unwanted Ritz interval stays clear of the wanted ones."""
+    from hesse.linalg.eigen import _separated
+
+    theta = torch.tensor([0.0, 0.5, 0.9, 1.0], dtype=torch.float64)
+    bound = torch.tensor([1e-8, 1e-8], dtype=torch.float64)
+    ok = torch.tensor([0.1, 0.1, 1e-4, 1e-4], dtype=torch.float64)
+    assert _separated(theta, ok, [3, 2], [1], bound)
+    wide = torch.tensor([0.1, 0.45, 1e-4, 1e-4], dtype=torch.float64)  # 0.5 + 0.45 > 0.9
+    assert not _separated(theta, wide, [3, 2], [1], bound)
+    assert not _separated(theta, ok, [3, 2], [], bound)  # nothing to compare with
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_repeated_eigenvalue_found_by_a_block(seed):
+    lam = _clustered(80, seed, repeats=True)
+    A = with_spectrum(lam, seed)
+    ref = torch.sort(lam, descending=True).values[:4]
+    res = top_eigenpairs(A, 4, tol=1e-6, block_size=2, generator=gen(seed))
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-5, atol=0)

@@ -249,3 +249,9 @@ def test_every_case_still_takes_the_default_adapters():
         ob = hesse.Objective(model, loss_fn, data)
         assert ob.N == sum(len(y) for _, y in data)
         assert (ob.output_loss is not None) == case.likelihood
+
+
+def test_loss_fn_none_needs_a_known_model():
+    model, _, data = mlp_ce_mean()
+    with pytest.raises(ValueError, match=r"loss_fn=None means the loss the model trains with"):
+        hesse.HessianOperator(model, None, data)

@@ -417,6 +417,7 @@ class Objective:
         self.params = resolve_params(model, params)
         self.names = list(self.params)
         self.shapes = [p.shape for p in self.params.values()]
+        self.sizes = [s.numel() for s in self.shapes]
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
         self.n = sum(p.numel() for p in self.params.values())
@@ -798,10 +799,13 @@ class Objective:
         version counter). About 10 us for a few tensors; a ``p.data`` write that keeps the
         norm of every parameter exactly (a permutation, a sign flip) is not seen.
         """
-        ps = list(self.params.values())
-        with torch.no_grad():
-            norms = torch.stack(torch._foreach_norm(ps)).tolist()
-        return tuple((p.data_ptr(), p._version) for p in ps) + tuple(norms)
+        ps = self.params.values()
+        where = tuple((p.data_ptr(), p._version) for p in ps)
+        if where != getattr(self, "_alias_key", None):
+            # detached aliases share storage and version: their norms need no autograd
+            self._aliases = [p.detach() for p in ps]
+            self._alias_key = where
+        return where + tuple(torch.stack(torch._foreach_norm(self._aliases)).tolist())
 
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum ``t`` in place over the ranks (a no-op when not distributed)."""

@@ -19,7 +19,14 @@ from .._checks import (
 )
 from ..operators.base import LinearOperator
 from ._results import EigenResult
-from .checkpoint import interrupted_message, load_state, remove_state, save_state
+from .checkpoint import (
+    check_path,
+    fingerprint,
+    interrupted_message,
+    load_state,
+    remove_state,
+    save_state,
+)
 from .lanczos import as_symmetric_operator, default_generator, orthonormalize, random_block
 
 __all__ = ["Which", "Criterion", "top_eigenpairs"]
@@ -67,6 +74,32 @@ def _keep(j: int, which: str, p: int) -> list[int]:
         return list(range(p))
     lo = p // 2
     return sorted(set(range(lo)) | set(range(j - (p - lo), j)))
+
+
+def _separated(theta: Tensor, res: Tensor, want: list[int], nb: list[int], bound: Tensor) -> bool:
+    """Whether the wanted Ritz values are separated from the unconverged rest.
+
+    An eigenvalue still missing from the wanted set (its direction barely present in the
+    start vector) shows as an unwanted Ritz value with a large residual moving towards the
+    wanted ones. Require, for each inner neighbour ``u`` (largest unwanted for
+    ``"largest"``), that its interval ``theta_u +- r_u`` (which holds an eigenvalue) lies
+    beyond the interval of the nearest wanted value.
+    """
+    if not nb:
+        return False
+    wt = theta[want]
+    ok = True
+    for u in nb:
+        tu, ru = theta[u], res[u]
+        above = wt > tu
+        if bool(above.any()):  # wanted values above u: the lowest of them
+            i = int(torch.where(above, wt, torch.inf).argmin())
+            ok &= bool(tu + ru < wt[i] - bound[i])
+        below = wt < tu
+        if bool(below.any()):
+            i = int(torch.where(below, wt, -torch.inf).argmax())
+            ok &= bool(tu - ru > wt[i] + bound[i])
+    return ok
 
 
 @dataclass
@@ -155,17 +188,21 @@ class _ThickRestartLanczos:
         else:
             res_all = est
         # eigenvalue error bound min(r, r^2 / gap), gap to the nearest other Ritz value
+        r = res_all[want]
         th = theta[want]
         dist = (th.unsqueeze(1) - theta.unsqueeze(0)).abs()
         dist[torch.arange(nw), torch.tensor(want, dtype=torch.long)] = float("inf")
         gap = dist.min(1).values if j > 1 else torch.full_like(th, float("inf"))
-        r = res_all[want]
         bound = torch.where(torch.isfinite(gap) & (gap > 0), torch.minimum(r, r * r / gap), r)
         test = r if self.criterion == "residual" else bound
         normest = float(theta.abs().max())
         thresh = torch.clamp(self.tol * th.abs(), min=50 * self.eps * normest)
         conv = test <= thresh
-        converged = bool(conv.all()) and nw == self.kw
+        converged = (
+            bool(conv.all())
+            and nw == self.kw
+            and (j >= self.n or _separated(theta, res_all, want, nb, bound))
+        )
         return _Ritz(theta, S, want, r, bound, conv, converged, Y, Rw, self.count, self.restarts)
 
     def result(self, rz: _Ritz | None = None) -> EigenResult | None:
@@ -390,6 +427,13 @@ def top_eigenpairs(
 
     With ``criterion="residual"``, ``r_i <= tol * |theta_i|`` (eigenvectors accurate to about
     ``r_i / gap_i``). Both are floored at ``50 * eps * ||A||`` (what the dtype can resolve).
+    Convergence also requires the wanted Ritz values to be separated from the unconverged
+    rest: the interval ``theta_u +- r_u`` of the nearest unwanted Ritz value (which holds an
+    eigenvalue) must not reach the nearest wanted one. A Krylov space cannot show an
+    eigenvalue whose direction the start vector lacks: an exact repeat is found once per
+    block column (use ``block_size`` >= its multiplicity), and with a loose ``tol`` a member
+    of a tight cluster can be missed; a tight ``tol`` (or a second run from another start)
+    is the safeguard.
 
     Cost: about ``10`` matvecs for the top eigenvalue of a network Hessian to ``1e-3``,
     ``20-40`` for the top ten; memory ``2 * max_basis * n`` (basis and its products).
@@ -414,8 +458,10 @@ def top_eigenpairs(
             float64 operator); default the operator's.
         checkpoint: a file path: the Krylov state is saved there every
             ``checkpoint_every`` matvecs and on Ctrl-C, and a later call with the same path
-            (same operator and settings) resumes from it; removed when the run finishes
-            (see :mod:`hesse.linalg.checkpoint`).
+            (same operator and settings) resumes from it; removed when the run finishes.
+            The path is checked at the start; the file records a fingerprint of the operator
+            (one extra product) and a file of another operator is refused (see
+            :mod:`hesse.linalg.checkpoint`).
         checkpoint_every: matvecs between saves (default 50).
         progress: show a progress bar (tqdm) with the largest error estimate.
 
@@ -442,6 +488,8 @@ def top_eigenpairs(
     """
     op = as_symmetric_operator(A, "top_eigenpairs")
     n = op.shape[0]
+    if checkpoint is not None:
+        check_path(checkpoint)
     check_int(k, "k", minimum=1)
     which = check_choice(which, "which", [w.value for w in Which])
     criterion = check_choice(criterion, "criterion", [c.value for c in Criterion])
@@ -490,6 +538,7 @@ def top_eigenpairs(
             "criterion": criterion,
             "block_size": b,
             "max_basis": m,
+            "fingerprint": fingerprint(op),
         }
         state = load_state(checkpoint, "top_eigenpairs", config)
         if state is not None:

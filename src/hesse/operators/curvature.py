@@ -143,6 +143,10 @@ class CurvatureOperator(LinearOperator):
     def _batch_product(self, cache: Any, parts: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError  # pragma: no cover
 
+    def _vector_product(self, cache: Any, parts: list[Tensor]) -> list[Tensor]:
+        """One vector given as parameter-shaped tensors (no batch dimension)."""
+        return [r[0] for r in self._batch_product(cache, [t.unsqueeze(0) for t in parts])]
+
     def _batch_caches(self, key: tuple | None = None):
         """The per-chunk caches; ``key`` is :meth:`Objective.state_key` (computed if ``None``).
 
@@ -180,20 +184,25 @@ class CurvatureOperator(LinearOperator):
         # (vectors and parameters are compared together), so the ranks never diverge.
         ob.check_same_across_ranks([V], _VECTORS_DIFFER, with_params=True)
         key = ob.state_key() if (self.cache_graph or ob.regularizer is not None) else None
-        parts = unravel_block(V, ob.shapes)
         caches = self._batch_caches(key)
         if isinstance(caches, list) and len(caches) == 1 and not ob.distributed:
             # one chunk: no accumulator (products on cached graphs run no module code, so
-            # no mode switching is needed either)
-            result = ravel_block(self._batch_product(caches[0], parts), k)
+            # no mode switching is needed either); a single vector without batch dimensions
+            if k == 1:
+                v = V.reshape(-1)
+                parts = [t.view(s) for t, s in zip(v.split(ob.sizes), ob.shapes)]
+                res = self._vector_product(caches[0], parts)
+                result = torch.cat([r.reshape(-1) for r in res]).unsqueeze(1)
+            else:
+                result = ravel_block(self._batch_product(caches[0], unravel_block(V, ob.shapes)), k)
         else:
+            parts = unravel_block(V, ob.shapes)
             # (k, n) row-major accumulator; returned transposed as the (n, k) block.
             acc = torch.zeros((k, ob.n), dtype=ob.accumulation_dtype, device=V.device)
-            sizes = [s.numel() for s in ob.shapes]
             for cache in caches:
                 res = self._batch_product(cache, parts)
                 i = 0
-                for r, m in zip(res, sizes):
+                for r, m in zip(res, ob.sizes):
                     acc[:, i : i + m].add_(r.reshape(k, m))
                     i += m
                 del res, cache  # with cache_graph=False this frees the chunk's graph
@@ -267,6 +276,11 @@ class HessianOperator(CurvatureOperator):
         if self.mode == "fwd-rev":
             return self._fwd_rev(*cache, parts)
         return cache.hmp(parts)
+
+    def _vector_product(self, cache: Any, parts: list[Tensor]) -> list[Tensor]:
+        if self.mode == "fwd-rev":
+            return super()._vector_product(cache, parts)
+        return cache.hvp(parts)
 
     def _fwd_rev(self, X: Any, y: Tensor, w: float, parts: list[Tensor]) -> list[Tensor]:
         ob = self.objective
