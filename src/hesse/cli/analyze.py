@@ -22,7 +22,7 @@ from ._common import (
 
 __all__ = ["add_parser"]
 
-from ..report._analyze import CURVATURES
+from ..report._analyze import CURVATURES, STAGES
 
 FILES = (
     "report.json",
@@ -106,11 +106,11 @@ def _run(args: argparse.Namespace) -> int:
     check_model_args(args)
     _check(args)
     out = OutputDir(args.out, FILES, overwrite=args.overwrite)
-    resumable = (out.work / "meta.pt").is_file()
+    resumable = (out.work / "meta.json").is_file()
     if args.resume and not resumable:
         raise UsageError(f"--resume: no interrupted run in {args.out!r} to continue.")
     if resumable:
-        done = sorted(p.stem for p in out.work.glob("*.pt") if "." not in p.stem)
+        done = sorted(p.stem for p in out.work.glob("*.json") if p.stem in STAGES)
         print(
             f"hesse analyze: continuing the run saved in {out.work} ({', '.join(done)})",
             file=sys.stderr,
