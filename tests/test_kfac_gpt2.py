@@ -15,6 +15,10 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
+try:
+    from transformers import GPT2Config, GPT2LMHeadModel
+except Exception as e:  # e.g. a broken torchvision in the environment  # noqa: BLE001
+    pytest.skip(f"transformers' GPT-2 does not import here: {e}", allow_module_level=True)
 
 import hesse  # noqa: E402
 from hesse import KFACOperator  # noqa: E402
@@ -28,7 +32,7 @@ V, T = 24, 6
 
 def _gpt2(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(
+    cfg = GPT2Config(
         vocab_size=V,
         n_positions=8,
         n_embd=8,
@@ -40,7 +44,7 @@ def _gpt2(seed=0):
         bos_token_id=0,
         eos_token_id=0,
     )
-    return transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+    return GPT2LMHeadModel(cfg).to(DT).eval()
 
 
 def _batches(seed=0, sizes=(2, 1)):
