@@ -54,8 +54,10 @@ def gpt2():
         bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).double().eval(), _lm_batches(torch.Generator().manual_seed(1)), (
-        _causal_ref
+    return (
+        GPT2LMHeadModel(cfg).double().eval(),
+        _lm_batches(torch.Generator().manual_seed(1)),
+        (_causal_ref),
     )
 
 
@@ -67,8 +69,10 @@ def llama():
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
     )  # fmt: skip
     torch.manual_seed(1)
-    return LlamaForCausalLM(cfg).double().eval(), _lm_batches(torch.Generator().manual_seed(2)), (
-        _causal_ref
+    return (
+        LlamaForCausalLM(cfg).double().eval(),
+        _lm_batches(torch.Generator().manual_seed(2)),
+        (_causal_ref),
     )
 
 
