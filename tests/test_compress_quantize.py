@@ -14,6 +14,7 @@ from torch import nn
 
 from hesse.compress import (
     allocate_bits,
+    compressible_weights,
     layer_inputs_hessian,
     layer_sensitivity,
     quantization_grid,
@@ -22,7 +23,6 @@ from hesse.compress import (
     quantize_rtn,
     spearman,
 )
-from hesse.compress._layers import compressible_weights
 from hesse.testing import dense_ggn, dense_hessian
 
 DT = torch.float64

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import hesse
@@ -196,3 +198,106 @@ def test_bad_input():
     with pytest.raises(ValueError, match="scalar"):
         classify_critical_point(lambda w: w * 2, t(1.0, 0.0))
     assert math.isinf(max_stable_lr(-torch.eye(3, dtype=f64)).value)
+
+
+# -- honest numbers: conservative speed limits, condition numbers that say what they know ---------
+
+
+def test_max_stable_lr_never_exceeds_the_limit_on_diag_10_3_half():
+    A = torch.diag(t(10.0, 3.0, 0.5))
+    b = max_stable_lr(A, generator=torch.Generator().manual_seed(0))
+    assert b.value <= 0.2 <= b.value_upper
+    assert b.value >= 0.2 * (1 - 1e-3) and b.bound == "residual"
+    assert b.lambda_max <= 10.0 <= b.lambda_max_upper
+    assert b.lambda_max_upper == pytest.approx(b.lambda_max + b.error_bound, rel=1e-15)
+    # a warm start that is exactly another eigenvector cannot hide the top one
+    warm = max_stable_lr(A, v0=t(0.0, 1.0, 0.0), generator=torch.Generator().manual_seed(0))
+    assert warm.value <= 0.2 and warm.lambda_max == pytest.approx(10.0, rel=1e-3)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    n=st.integers(4, 90),
+    seed=st.integers(0, 2**16),
+    tol=st.sampled_from([1e-2, 1e-3, 1e-6]),
+    shift=st.floats(-2.0, 5.0),
+    gap=st.sampled_from([0.05, 0.0]),
+)
+def test_max_stable_lr_is_conservative_on_random_spectra(n, seed, tol, shift, gap):
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.rand(n, generator=g, dtype=f64) * 4 + shift
+    lam[0] = lam.max() + gap * lam.abs().max() + 1e-9
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))[0]
+    A = Q @ torch.diag(lam) @ Q.T
+    b = max_stable_lr(A, tol=tol, generator=g)
+    top = float(lam.max())
+    if top <= 0:
+        assert math.isinf(b.value)
+        return
+    exact = 2 / top
+    assert b.value_upper >= exact * (1 - 1e-12)  # 2 / theta with theta <= lambda_max
+    if gap > 0:  # a separated top eigenvalue: never above the limit
+        assert b.value <= exact * (1 + 1e-12)
+    else:  # a top cluster: above the limit by at most the documented ~tol
+        assert b.value <= exact * (1 + tol)
+    if b.eigen.converged:
+        assert b.value >= exact / (1 + 2 * tol) - 1e-12
+
+
+def test_layer_speed_limits_are_conservative():
+    model, loss_fn, data = CASES[0].build()
+    H = hesse.HessianOperator(model, loss_fn, data)
+    D = dense_hessian(model, loss_fn, data)
+    sl = H.layer_slices()
+    for name, bound in layer_max_stable_lr(H, generator=torch.Generator().manual_seed(0)).items():
+        idx = torch.cat([torch.arange(s.start, s.stop) for s in sl[name]])
+        lam = float(torch.linalg.eigvalsh(D[idx][:, idx])[-1])
+        assert bound.value <= 2 / lam * (1 + 1e-12) and bound.bound == "residual"
+        assert bound.value >= 2 / lam / (1 + 3e-3)
+
+
+def _density_of(lam, seed=0):
+    n = lam.numel()
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))[0]
+    A = Q @ torch.diag(lam) @ Q.T
+    return hesse.spectral_density(A, num_probes=8, num_steps=n, deflate=0, generator=g)
+
+
+def test_condition_number_is_a_lower_bound_when_the_bulk_runs_below_the_threshold():
+    lam = torch.logspace(-6, 1, 100, dtype=f64)  # kappa = 1e7, continuous down to 1e-6
+    dens = _density_of(lam)
+    s = spectrum_summary(dens, null_tol=1e-3)
+    assert s.condition_number_is_lower_bound
+    assert s.condition_threshold == pytest.approx(1e-3 * s.lambda_max)
+    assert s.condition_number == pytest.approx(1e3, rel=1e-12)  # lambda_max / threshold
+    assert s.condition_number <= 1e7 and s.condition_number_text().startswith("> ")
+    # a threshold below the spectrum resolves it: no cap near 1 / null_tol
+    fine = spectrum_summary(dens, null_tol=1e-9)
+    assert not fine.condition_number_is_lower_bound
+    assert fine.condition_number == pytest.approx(1e7, rel=1e-3)
+    assert not fine.condition_number_text().startswith(">")
+
+
+def test_condition_number_resolved_above_an_exact_null_space():
+    lam = torch.cat([torch.zeros(30, dtype=f64), torch.linspace(0.2, 10.0, 50, dtype=f64)])
+    s = spectrum_summary(_density_of(lam), null_tol=1e-3)
+    assert not s.condition_number_is_lower_bound
+    assert s.condition_number == pytest.approx(50.0, rel=1e-6)
+    assert abs(s.near_null_fraction - 30 / 80) <= 4 * s.near_null_stderr + 1e-6
+
+
+def test_ggn_density_makes_no_statement_about_negative_eigenvalues():
+    model, loss_fn, data = CASES[0].build()
+    G = hesse.GGNOperator(model, loss_fn, data)
+    dens = hesse.spectral_density(G, num_probes=3, num_steps=20, generator=gen0())
+    assert dens.psd
+    s = spectrum_summary(dens)
+    assert s.psd and math.isnan(s.negative_fraction) and math.isnan(s.negative_stderr)
+    H = hesse.HessianOperator(model, loss_fn, data)
+    sh = spectrum_summary(hesse.spectral_density(H, num_probes=3, num_steps=20, generator=gen0()))
+    assert not sh.psd and 0.0 <= sh.negative_fraction <= 1.0
+
+
+def gen0():
+    return torch.Generator().manual_seed(0)

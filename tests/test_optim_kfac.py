@@ -192,24 +192,30 @@ def test_conv_model_operator_runs_and_is_psd():
 def test_unsupported_layer_policy():
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).to(DT)
     data = (torch.randn(3, 4, dtype=DT), torch.randn(3, 3, dtype=DT))
-    with pytest.raises(NotImplementedError, match=r"'1'.*LayerNorm.*unsupported='skip'"):
-        KFACOperator(model, nn.MSELoss(), data)
+    with pytest.raises(NotImplementedError, match=r"'1\.weight'.*'1'.*LayerNorm.*first_order"):
+        KFACOperator(model, nn.MSELoss(), data, unsupported="raise")
     with pytest.raises(NotImplementedError, match="LayerNorm"):
-        KFACPreconditioner(model, nn.MSELoss())
-    with pytest.warns(UserWarning, match="skipped"):
-        K = KFACOperator(model, nn.MSELoss(), data, unsupported="skip")
+        KFACPreconditioner(model, nn.MSELoss(), unsupported="raise")
+    hesse._checks._warned.clear()
+    with pytest.warns(UserWarning, match=r"2 parameter\(s\).*first-order.*1\.weight, 1\.bias"):
+        K = KFACOperator(model, nn.MSELoss(), data)  # the default
+    assert K.skipped == ["1.weight", "1.bias"]
     sl = K.param_slices()["1.weight"]
     assert float(K.to_dense()[sl].abs().max()) == 0.0  # zero block, documented
-    # preconditioner: the skipped parameters keep their plain gradient
-    pre = KFACPreconditioner(model, nn.MSELoss(), unsupported="skip", fisher="exact")
-    loss = nn.MSELoss()(model(data[0]), data[1])
-    loss.backward()
-    plain = [p.grad.clone() for p in model[1].parameters()]
-    lin = model[0].weight.grad.clone()
-    pre.step()
-    for p, g0 in zip(model[1].parameters(), plain):
-        assert torch.equal(p.grad, g0)
-    assert not torch.allclose(model[0].weight.grad, lin)
+    # preconditioner: the unfactored parameters keep their plain gradient
+    for policy in ("first_order", "skip"):
+        loss_fn = nn.MSELoss()
+        pre = KFACPreconditioner(model, loss_fn, unsupported=policy, fisher="exact")
+        model.zero_grad()
+        loss = loss_fn(model(data[0]), data[1])
+        loss.backward()
+        plain = [p.grad.clone() for p in model[1].parameters()]
+        lin = model[0].weight.grad.clone()
+        pre.step()
+        pre.remove()
+        for p, g0 in zip(model[1].parameters(), plain):
+            assert torch.equal(p.grad, g0)
+        assert not torch.allclose(model[0].weight.grad, lin)
     with pytest.raises(ValueError, match="unsupported"):
         KFACOperator(model, nn.MSELoss(), data, unsupported="ignore")
 

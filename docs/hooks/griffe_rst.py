@@ -4,6 +4,7 @@ The docstrings follow DESIGN.md (Google style with ``.. math::`` blocks and Sphi
 mkdocstrings renders Markdown, so before parsing we rewrite, per docstring:
 
 * ``.. math::`` blocks (inline or indented) -> ``$$ ... $$`` (pymdownx.arithmatex),
+* simple tables (``=====  =====`` borders) -> Markdown tables,
 * ``:math:`x``` -> ``$x$``,
 * ``:class:`~a.b.C``` and the other Sphinx roles -> ```C``` (code; no cross-reference,
   so a name that is not documented cannot fail a strict build),
@@ -35,6 +36,41 @@ def _role(m: re.Match) -> str:
 
 def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
+
+
+_BORDER = re.compile(r"^\s*=+(\s+=+)+\s*$")
+
+
+def _table(lines: list[str], i: int, out: list[str]) -> int:
+    """Convert the reST simple table starting at ``lines[i]`` (a ``=== ===`` border) to a
+    Markdown table appended to ``out``; return the index after it (or ``i`` if not one)."""
+    border = lines[i]
+    pad = border[: _indent(border)]
+    cols = [(m.start(), m.end()) for m in re.finditer(r"=+", border)]
+    end = next((j for j in range(i + 1, len(lines)) if lines[j] == border), None)
+    if end is None:
+        return i
+    rows: list[list[str]] = []
+    for line in lines[i + 1 : end]:
+        if not line.strip():
+            continue
+        cells = []
+        for c, (a, _) in enumerate(cols):
+            b = cols[c + 1][0] if c + 1 < len(cols) else len(line)
+            cells.append(line[a:b].strip())
+        if rows and not cells[0]:  # continuation line
+            rows[-1] = [f"{x} {y}".strip() for x, y in zip(rows[-1], cells)]
+        else:
+            rows.append(cells)
+    if out and out[-1].strip():
+        out.append("")
+    out.append(pad + "| " + " | ".join(" " for _ in cols) + " |")
+    out.append(pad + "|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        cells = [_ROLE.sub(_role, _MATH_ROLE.sub(r"$\1$", c)) for c in r]
+        out.append(pad + "| " + " | ".join(cells) + " |")
+    out.append("")
+    return end + 1
 
 
 def rst_to_markdown(text: str) -> str:
@@ -74,6 +110,11 @@ def rst_to_markdown(text: str) -> str:
             for eq in eqs:
                 out.extend([pad + "$$", *(pad + e for e in eq), pad + "$$", ""])
             continue
+        if _BORDER.match(line):
+            j = _table(lines, i, out)
+            if j != i:
+                i = j
+                continue
         if stripped == "Example:":
             line = line.replace("Example:", "Examples:")
         line = _MATH_ROLE.sub(lambda m: f"${m.group(1)}$", line)

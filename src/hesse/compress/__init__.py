@@ -14,7 +14,6 @@ Example:
 On the command line: ``hesse compress --out DIR`` (see :func:`compression_report`).
 """
 
-from ._layers import WeightRef, compressible_weights
 from .prune import PruneMethod, prune, sparsity_of
 from .quantize import (
     QuantizeResult,
@@ -27,6 +26,8 @@ from .quantize import (
 )
 from .report import CompressionReport, compression_report, evaluate
 from .saliency import (
+    WeightRef,
+    compressible_weights,
     curvature_blocks,
     curvature_diagonal,
     magnitude_saliency,

@@ -14,12 +14,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
 
 from .._checks import check_choice, check_int, check_positive
-from ._factors import CURVATURES, block_diagonal, block_size_for, factor_matrix
-from ._layers import WeightRef, apply_mask, compressible_weights, current_mask
 from .saliency import (
+    CURVATURES,
+    WeightRef,
+    block_diagonal,
+    block_size_for,
+    compressible_weights,
+    current_mask,
     damped,
+    factor_matrix,
     magnitude_saliency,
     masked_inverse,
     obd_saliency,
@@ -30,7 +36,7 @@ from .saliency import (
     woodbury_masked_update,
 )
 
-__all__ = ["PruneMethod", "prune", "sparsity_of"]
+__all__ = ["PruneMethod", "prune", "sparsity_of", "apply_mask"]
 
 WOODBURY_MIN = 4096  # whole-layer blocks larger than this use the Woodbury form by default
 
@@ -51,6 +57,27 @@ def sparsity_of(model: nn.Module, layers: Sequence[str] | None = None) -> dict[s
         total += ref.numel
     out["global"] = zeros / total
     return out
+
+
+def apply_mask(ref: WeightRef, mask: Tensor, new_weight: Tensor | None = None) -> None:
+    """Attach ``mask`` with the ``torch.nn.utils.prune`` conventions (in place).
+
+    Every module using the weight gets the parameter ``weight_orig`` (the same tensor for
+    all of them, so a tied weight stays tied) and its own ``weight_mask`` buffer, and
+    recomputes ``weight = weight_orig * weight_mask`` before every forward, so the zeros
+    survive fine-tuning and ``torch.nn.utils.prune.remove`` makes them permanent.
+    ``new_weight`` (e.g. an OBS-compensated weight) replaces the stored values first, once.
+    An existing mask is replaced by ``mask`` (which must already contain it).
+    """
+    with torch.no_grad():
+        if new_weight is not None:
+            ref.param.copy_(new_weight)
+        for m in ref.modules:
+            if hasattr(m, "weight_orig"):
+                m.weight_mask.copy_(mask.to(m.weight_mask.dtype))
+                m.weight = m.weight_orig * m.weight_mask  # keep the attribute in sync now
+            else:
+                torch_prune.custom_from_mask(m, "weight", mask.to(ref.param.dtype))
 
 
 def _units(t: Tensor, structured: bool) -> Tensor:
@@ -150,7 +177,8 @@ def prune(
 
     Args:
         model: network with Linear/Conv layers (pruned in place).
-        loss_fn: the loss (not needed for ``"magnitude"``).
+        loss_fn: the loss (not needed for ``"magnitude"``; ``None`` with a Hugging Face
+            model means the loss it trains with, see :class:`hesse.Objective`).
         data: ``(X, y)`` or an iterable of batches (not needed for ``"magnitude"``).
         sparsity: fraction of weights to remove, in ``[0, 1)``. Weights already masked count.
         method: ``"obs"`` (default), ``"obd"`` or ``"magnitude"``.
@@ -200,8 +228,11 @@ def prune(
         or not (0.0 <= sparsity < 1.0)
     ):
         raise ValueError(f"Invalid sparsity={sparsity!r}; must lie in [0, 1).")
-    if method != "magnitude" and (loss_fn is None or data is None):
-        raise ValueError(f"method={method!r} needs loss_fn and data; only 'magnitude' does not.")
+    if method != "magnitude" and data is None:
+        raise ValueError(
+            f"method={method!r} needs data (and loss_fn, or loss_fn=None for a Hugging Face "
+            "model's own loss); only 'magnitude' needs neither."
+        )
     num_steps = check_int(num_steps, "num_steps")
     damping = check_positive(damping, "damping")
     if method == "obs":

@@ -26,11 +26,11 @@ from enum import Enum
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_finite, check_int, check_positive
-from ._layers import WeightRef, compressible_weights
+from ..operators.kfac import KFACUse
+from .saliency import WeightRef, compressible_weights
 
 __all__ = [
     "QuantMethod",
@@ -253,57 +253,87 @@ def _inputs_of(data: Any) -> list[Any]:
         ) from None
     if not batches:
         raise ValueError("data is empty: expected at least one batch of calibration inputs.")
-    return [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    out = []
+    for b in batches:
+        if isinstance(b, Mapping):  # a Hugging Face batch: the model's keyword inputs
+            out.append({k: v for k, v in b.items() if k != "labels"})
+        else:
+            out.append(b[0] if isinstance(b, (tuple, list)) else b)
+    return out
+
+
+def _transposed(ref: WeightRef) -> bool:
+    """HF ``Conv1D`` stores ``(in, out)``: its quantization matrix is the transpose."""
+    kinds = {u.kind for u in ref.layer.uses if u.kind != "embedding"}
+    if len(kinds) > 1 and "conv1d_hf" in kinds:
+        raise NotImplementedError(
+            f"{ref.name} is used both as an HF Conv1D (in, out) and as a Linear/Conv "
+            "(out, in) weight; quantize cannot pick one orientation for it."
+        )
+    return kinds == {"conv1d_hf"}
 
 
 def _as_matrix(ref: WeightRef) -> Tensor:
+    """The weight as ``(out, in)`` rows (one grid per output channel)."""
     W = ref.weight.detach()
-    return W.reshape(W.shape[0], -1)
-
-
-def _layer_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """The layer's input as rows ``(M, d_in)`` matching ``W.reshape(out, -1)``."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise NotImplementedError(
-                "quantize supports Conv2d with groups=1, zero padding given as numbers."
-            )
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    raise NotImplementedError(
-        f"quantize supports nn.Linear and nn.Conv2d layers, not {type(module).__name__}."
-    )
+    return W.T if _transposed(ref) else W.reshape(W.shape[0], -1)
 
 
 def layer_inputs_hessian(model: nn.Module, ref: WeightRef, inputs: Sequence[Any]) -> Tensor:
-    """``sum_n x_n x_n^T`` over the rows the layer sees (float64), from a forward hook."""
+    r"""``sum_n x_n x_n^T`` over the input rows every use of the weight sees (float64).
+
+    The rows are the registry's (:class:`hesse.operators.kfac.KFACUse`: every leading
+    dimension, strided patches for convolutions). A weight tied to an Embedding (GPT-2's
+    ``wte`` / ``lm_head``) is quantized once, for all its uses: the embedding's output error
+    :math:`\sum_v n_v \lVert \Delta W_v \rVert^2` (``n_v`` lookups of row ``v``) needs a
+    per-row Hessian, which the shared-``H`` quantizer replaces by the mean lookup count:
+    ``H += (sum_v n_v / rows) I``.
+    """
+    uses = [KFACUse(u.name, u.module, with_bias=False) for u in ref.layer.uses]
     acc: list[Tensor] = []
+    handles = []
+    for use in uses:
 
-    def hook(mod: nn.Module, args: tuple, _out: Any) -> None:
-        X = _layer_rows(mod, args[0].detach()).double()
-        acc.append(X.T @ X)
+        def hook(mod: nn.Module, args: tuple, _out: Any, use: KFACUse = use) -> None:
+            rows = use.input_rows(args[0])
+            if use.kind == "embedding":
+                d = ref.layer.weight.shape[1]
+                n = rows.numel() / ref.layer.weight.shape[0]
+                acc.append(n * torch.eye(d, dtype=torch.float64, device=rows.device))
+            else:
+                X = rows.double()
+                acc.append(X.T @ X)
 
-    h = ref.module.register_forward_hook(hook)
-    was = model.training
+        handles.append(use.module.register_forward_hook(hook))
+    was = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
             for X in inputs:
-                model(*X) if isinstance(X, (tuple, list)) else model(X)
+                if isinstance(X, Mapping):
+                    model(**X)
+                elif isinstance(X, (tuple, list)):
+                    model(*X)
+                else:
+                    model(X)
     finally:
-        h.remove()
-        model.train(was)
+        for h in handles:
+            h.remove()
+        for m, t in was.items():
+            m.training = t
     return torch.stack(acc).sum(0)
 
 
 def _write(ref: WeightRef, Q: Tensor) -> None:
+    """Write the quantized matrix once (a tied weight is one tensor) and refresh every
+    masked use."""
     target = ref.param
+    Q = Q.T if _transposed(ref) else Q
     with torch.no_grad():
         target.copy_(Q.reshape(target.shape).to(target.dtype))
-        if hasattr(ref.module, "weight_mask"):
-            ref.module.weight = target * ref.module.weight_mask
+        for m in ref.modules:
+            if hasattr(m, "weight_mask"):
+                m.weight = target * m.weight_mask
 
 
 def quantize(
@@ -320,7 +350,10 @@ def quantize(
     refine: int = 4,
     sequential: bool = True,
 ) -> QuantizeResult:
-    """Quantize the weights of every Linear/Conv2d layer in place (fake quantization).
+    """Quantize the weights of every Linear/Conv/HF Conv1D layer in place (fake quantization).
+
+    A weight tied between modules is quantized once, with the calibration inputs of all its
+    uses (see :func:`layer_inputs_hessian`).
 
     Weights are replaced by their dequantized grid values (per-row asymmetric ``bits``-bit
     grid, see :func:`quantization_grid`); biases stay in floating point.

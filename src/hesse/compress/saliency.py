@@ -24,17 +24,26 @@ matrix :math:`A = M H M + (I - M)` (``M`` the diagonal 0/1 mask) has
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int, check_positive
-from ._factors import block_diagonal, block_size_for, diagonal
-from ._layers import WeightRef, compressible_weights, current_mask
+from .._checks import check_choice, check_finite, check_int, check_positive
+from ..objective import Objective
+from ..operators import curvature_operator
+from ..operators.kfac import KFACLayer, kfac_layers, weight_gradient_factors
 
 __all__ = [
+    "CURVATURES",
+    "WeightRef",
+    "compressible_weights",
+    "current_mask",
+    "block_diagonal",
+    "diagonal",
+    "factor_matrix",
     "magnitude_saliency",
     "obd_saliency",
     "obs_saliency",
@@ -46,6 +55,226 @@ __all__ = [
     "obs_masked_update",
     "damped",
 ]
+
+
+# -- which weights: the K-FAC layer registry ----------------------------------------------------
+
+CURVATURES = ("ggn", "fisher")
+_COMPRESSIBLE = ("linear", "conv", "conv1d_hf")
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """One compressible weight tensor and every module that uses it.
+
+    Found by :func:`hesse.operators.kfac.kfac_layers` (by tensor identity), so a weight tied
+    between modules (GPT-2's ``wte`` embedding and ``lm_head``) is one ref: it is pruned and
+    quantized once, consistently for all its uses.
+
+    Attributes:
+        name: ``"<module>.weight"`` of its first module (the name in an unpruned model).
+        module_name: qualified name of the first module using it.
+        module: that module.
+        param_name: the trainable parameter behind it (``"<module>.weight_orig"`` once the
+            layer carries a pruning mask), as in ``model.named_parameters()``.
+        layer: the registry entry (all uses, their kinds and input rows).
+    """
+
+    name: str
+    module_name: str
+    module: nn.Module
+    param_name: str
+    layer: KFACLayer
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [u.module for u in self.layer.uses]
+
+    @property
+    def module_names(self) -> list[str]:
+        return [u.name for u in self.layer.uses]
+
+    @property
+    def weight(self) -> Tensor:
+        """Effective weight (``weight_orig * weight_mask`` for a pruned layer)."""
+        return self.module.weight
+
+    @property
+    def param(self) -> Tensor:
+        return self.layer.weight
+
+    @property
+    def rows(self) -> int:
+        return int(self.param.shape[0])
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+
+def compressible_weights(model: nn.Module, layers: Sequence[str] | None = None) -> list[WeightRef]:
+    """Weights used by a Linear, ConvNd or HF ``Conv1D`` layer, in ``named_parameters`` order.
+
+    A weight tied to an Embedding (input/output embeddings) is included once, through its
+    output-layer use; embeddings alone, biases and normalisation parameters are never
+    compressed.
+
+    Args:
+        model: the network.
+        layers: module names to keep (any module using the weight; default: all).
+
+    Raises:
+        ValueError: a requested name is not such a module, or there is none at all.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    found = [
+        layer
+        for layer in kfac_layers(model, [n for n, _ in model.named_parameters()])[0]
+        if any(u.kind in _COMPRESSIBLE for u in layer.uses)
+    ]
+    if layers is not None:
+        if isinstance(layers, str):
+            layers = [layers]
+        known = {u.name for layer in found for u in layer.uses}
+        missing = [s for s in layers if s not in known]
+        if missing:
+            raise ValueError(
+                f"No Linear/Conv layer named {missing}; compressible layers: {sorted(known)}."
+            )
+        found = [x for x in found if any(u.name in set(layers) for u in x.uses)]
+    if not found:
+        raise ValueError(
+            "The model has no Linear/Conv layer to compress (supported: nn.Linear, "
+            "nn.Conv1d/2d/3d with groups=1, Hugging Face Conv1D)."
+        )
+    out = []
+    for layer in found:
+        if not layer.weight.requires_grad:
+            continue
+        prefix = f"{layer.name}." if layer.name else ""
+        out.append(WeightRef(f"{prefix}weight", layer.name, layer.module, layer.weight_name, layer))
+    if not out:
+        raise ValueError("Every compressible weight has requires_grad=False.")
+    return out
+
+
+def current_mask(ref: WeightRef) -> Tensor:
+    """The mask already on the weight (all ones if it carries none), as a bool tensor."""
+    m = ref.module
+    if hasattr(m, "weight_mask"):
+        return m.weight_mask.detach().bool().clone()
+    return torch.ones_like(m.weight, dtype=torch.bool)
+
+
+def factor_chunks(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    refs: Sequence[WeightRef],
+    curvature: str = "ggn",
+    *,
+    chunk_size: int = 256,
+) -> Iterator[dict[str, Tensor]]:
+    """Yield ``{weight name: U (r, n)}`` per chunk of samples with ``sum U^T U`` the exact GGN
+    (``"ggn"``) or empirical Fisher (``"fisher"``, per loss row) block of each weight, under
+    the loss's normalisation (:func:`hesse.operators.kfac.weight_gradient_factors`)."""
+    curvature = check_choice(curvature, "curvature", CURVATURES)
+    chunk_size = check_int(chunk_size, "chunk_size")
+    ob = Objective(
+        model,
+        loss_fn,
+        data,
+        params=[r.param_name for r in refs],
+        micro_batch_size=chunk_size,
+        check_determinism=False,
+    )
+    names = {r.param_name: r.name for r in refs}
+    for U in weight_gradient_factors(ob, [r.layer for r in refs], curvature):
+        yield {names[k]: u for k, u in U.items()}
+
+
+def block_size_for(ref: WeightRef, block_size: int | None) -> int:
+    """Largest block (dividing ``numel``) of whole rows, or of whole row pieces, <= ``block_size``.
+
+    ``None`` means the whole weight (one exact layer block).
+    """
+    n, rows = ref.numel, ref.rows
+    if block_size is None or block_size >= n:
+        return n
+    row = n // rows
+    if block_size >= row:
+        k = max(d for d in range(1, rows + 1) if rows % d == 0 and d * row <= block_size)
+        return k * row
+    return max(d for d in range(1, row + 1) if row % d == 0 and d <= block_size)
+
+
+def block_diagonal(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    refs: Sequence[WeightRef],
+    curvature: str = "ggn",
+    *,
+    block_size: int | None = 128,
+    chunk_size: int = 256,
+) -> dict[str, Tensor]:
+    """Exact diagonal blocks ``(num_blocks, s, s)`` of each weight's curvature.
+
+    Blocks are consecutive entries of the flattened weight (whole rows when ``s`` is at least
+    a row). ``block_size=None`` gives the whole layer block. Cost: ``r n s`` multiply-adds
+    per weight (``r`` factor rows), memory ``n s``.
+    """
+    sizes = {r.name: block_size_for(r, block_size) for r in refs}
+    blocks: dict[str, Tensor] = {}
+    for U in factor_chunks(model, loss_fn, data, refs, curvature, chunk_size=chunk_size):
+        for name, u in U.items():
+            ub = u.reshape(u.shape[0], -1, sizes[name])
+            contrib = torch.einsum("rbi,rbj->bij", ub, ub)
+            blocks[name] = blocks[name] + contrib if name in blocks else contrib
+    for name, b in blocks.items():
+        check_finite(b, f"the curvature blocks of {name}")
+    return blocks
+
+
+def diagonal(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    refs: Sequence[WeightRef],
+    curvature: str = "ggn",
+    *,
+    chunk_size: int = 256,
+) -> dict[str, Tensor]:
+    """Exact diagonal of the GGN / empirical Fisher of each weight, shaped like the weight."""
+    diag: dict[str, Tensor] = {}
+    for U in factor_chunks(model, loss_fn, data, refs, curvature, chunk_size=chunk_size):
+        for name, u in U.items():
+            d = u.pow(2).sum(0)
+            diag[name] = diag[name] + d if name in diag else d
+    for name, d in diag.items():
+        check_finite(d, f"the curvature diagonal of {name}")
+    return {r.name: diag[r.name].reshape(r.param.shape) for r in refs}
+
+
+def factor_matrix(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    refs: Sequence[WeightRef],
+    curvature: str = "fisher",
+    *,
+    chunk_size: int = 256,
+) -> dict[str, Tensor]:
+    """The whole factor ``U (r, n)`` with ``C = U^T U`` (for a Woodbury inverse)."""
+    parts: dict[str, list[Tensor]] = {r.name: [] for r in refs}
+    for U in factor_chunks(model, loss_fn, data, refs, curvature, chunk_size=chunk_size):
+        for name, u in U.items():
+            parts[name].append(u)
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    for name, u in out.items():
+        check_finite(u, f"the curvature factor of {name}")
+    return out
 
 
 # -- dense OBS algebra (pure functions on tensors) --------------------------------------------
@@ -194,11 +423,10 @@ def curvature_diagonal(
     if curvature != "hessian":
         return diagonal(model, loss_fn, data, refs, curvature, chunk_size=chunk_size)
     from ..linalg import exact_diagonal, hutchinson_diagonal
-    from ..operators import HessianOperator
 
     out = {}
     for ref in refs:
-        op = HessianOperator(model, loss_fn, data, params=[ref.param_name])
+        op = curvature_operator("hessian", model, loss_fn, data, params=[ref.param_name])
         if ref.numel <= exact_max:
             d = exact_diagonal(op).estimate
         else:

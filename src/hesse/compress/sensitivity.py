@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_int
-from ._factors import diagonal
-from ._layers import compressible_weights
 from .quantize import quantize_rtn
+from .saliency import compressible_weights, diagonal
 
 __all__ = [
     "SensitivityResult",
@@ -151,10 +150,10 @@ def layer_sensitivity(
             stderr[r.name] = 0.0
     else:
         from ..linalg import exact_diagonal, hutchinson_trace
-        from ..operators import HessianOperator
+        from ..operators import curvature_operator
 
         for r in refs:
-            op = HessianOperator(model, loss_fn, data, params=[r.param_name])
+            op = curvature_operator("hessian", model, loss_fn, data, params=[r.param_name])
             if r.numel <= exact_max:
                 res = exact_diagonal(op)
                 tr, se = float(res.estimate.sum()), 0.0

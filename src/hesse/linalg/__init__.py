@@ -35,7 +35,7 @@ from .matrix_functions import matrix_inverse_root  # noqa: E402
 
 __all__ += ["matrix_inverse_root"]
 
-from ._results import EigenResult, SpectralDensity  # noqa: E402
+from ._results import EigenResult, SpectralDensity, Status  # noqa: E402
 from .density import spectral_density  # noqa: E402
 from .eigen import Criterion, Which, top_eigenpairs  # noqa: E402
 from .lanczos import LanczosDecomposition, lanczos  # noqa: E402
@@ -46,6 +46,7 @@ __all__ += [
     "EigenResult",
     "LanczosDecomposition",
     "SpectralDensity",
+    "Status",
     "Which",
     "lanczos",
     "power_iteration",

@@ -1,18 +1,57 @@
-"""Frozen result objects of the eigenvalue and spectral-density algorithms."""
+"""Frozen result objects of the linalg algorithms, and their :class:`Status`.
+
+Every result derives from :class:`hesse._serialize.Serializable`: ``to_dict()`` /
+``from_dict()`` and ``save(path)`` / ``load(path)`` round-trip it exactly through plain JSON.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import Tensor
 
-__all__ = ["EigenResult", "SpectralDensity", "gaussian_smoothing"]
+from .._serialize import Serializable, register
+
+__all__ = [
+    "Status",
+    "CGStatus",
+    "EigenResult",
+    "SpectralDensity",
+    "TraceResult",
+    "DiagonalResult",
+    "CGResult",
+    "gaussian_smoothing",
+]
+
+
+class Status(str, Enum):
+    """Why an algorithm stopped (one enum for every solver; users may compare with strings).
+
+    ``max_iters`` (the budget ran out) is a status, not an error: a truncated solve or a
+    partial Lanczos run is still a valid, usable result.
+    """
+
+    CONVERGED = "converged"  # the tolerance was met
+    MAX_ITERS = "max_iters"  # budget exhausted (truncation)
+    NEGATIVE_CURVATURE = "negative_curvature"  # p^T (A + damping I) p <= 0 met by CG
+    BOUNDARY = "boundary"  # Steihaug-Toint: the step reached the trust-region radius
+    CALLBACK = "callback"  # the callback asked to stop
+    BREAKDOWN = "breakdown"  # MINRES: Krylov space exhausted without meeting tol (singular)
+
+
+CGStatus = Status  # the name used by cg_solve / minres_solve before Status existed
+register(Status)
+
+
+def _status(converged: bool) -> Status:
+    return Status.CONVERGED if converged else Status.MAX_ITERS
 
 
 @dataclass(frozen=True, eq=False)
-class EigenResult:
+class EigenResult(Serializable):
     """Eigenpairs found by an iterative method.
 
     Attributes:
@@ -45,6 +84,11 @@ class EigenResult:
     num_restarts: int = 0
     converged_mask: Tensor | None = None
 
+    @property
+    def status(self) -> Status:
+        """``Status.CONVERGED`` or ``Status.MAX_ITERS`` (the budget ran out first)."""
+        return _status(self.converged)
+
     def __repr__(self) -> str:
         vals = ", ".join(f"{float(v):.6g}" for v in self.eigenvalues[:6])
         more = ", ..." if self.eigenvalues.numel() > 6 else ""
@@ -70,7 +114,7 @@ def gaussian_smoothing(
 
 
 @dataclass(frozen=True, eq=False)
-class SpectralDensity:
+class SpectralDensity(Serializable):
     """Spectral density estimated by stochastic Lanczos quadrature (SLQ).
 
     Attributes:
@@ -93,6 +137,9 @@ class SpectralDensity:
         n: operator size.
         num_matvecs: products with the operator.
         num_probes, num_steps: the budget used.
+        converged: every probe ran its steps (``False`` for a partial result).
+        psd: the operator is positive semi-definite by construction (a GGN or Fisher), so
+            negative nodes are rounding, not negative curvature.
     """
 
     grid: Tensor
@@ -110,6 +157,12 @@ class SpectralDensity:
     num_probes: int
     num_steps: int
     converged: bool = True
+    psd: bool = False
+
+    @property
+    def status(self) -> Status:
+        """``Status.CONVERGED`` or ``Status.MAX_ITERS`` (the budget ran out first)."""
+        return _status(self.converged)
 
     def smooth(
         self,
@@ -198,3 +251,114 @@ def _smooth(
     else:
         stderr = torch.full_like(mean, float("nan"))
     return grid, mean, stderr, sigma
+
+
+@dataclass(frozen=True)
+class TraceResult(Serializable):
+    r"""A trace estimate.
+
+    Attributes:
+        estimate: 0-d tensor, the estimate of :math:`\operatorname{tr}(A)`.
+        stderr: 0-d tensor, its standard error (standard deviation of the per-probe
+            estimates over the square root of their number; ``0`` when exact, ``nan`` with a
+            single probe).
+        num_matvecs: products with ``A`` used (columns of all blocks).
+        method: ``"hutchinson"``, ``"hutchpp"``, ``"xtrace"`` or ``"exact"``.
+        samples: the per-probe estimates whose mean is ``estimate`` (for Hutch++ the exact
+            low-rank part is added to each), shape ``(m,)``.
+        exact: ``True`` when the budget covered all ``n`` directions and the trace is exact.
+    """
+
+    estimate: Tensor
+    stderr: Tensor
+    num_matvecs: int
+    method: str
+    samples: Tensor
+    exact: bool = False
+
+    @property
+    def converged(self) -> bool:
+        """Estimators always spend their whole budget; ``True`` unless the result is partial."""
+        return bool(torch.isfinite(self.estimate))
+
+    @property
+    def status(self) -> Status:
+        """``Status.CONVERGED`` or ``Status.MAX_ITERS`` (the budget ran out first)."""
+        return _status(self.converged)
+
+    def __float__(self) -> float:
+        return float(self.estimate)
+
+
+@dataclass(frozen=True)
+class DiagonalResult(Serializable):
+    """An estimate of :math:`\\operatorname{diag}(A)`.
+
+    Attributes:
+        estimate: ``(n,)``.
+        stderr: ``(n,)`` per-entry standard errors (zeros when exact).
+        num_matvecs: products with ``A`` used.
+        method: ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
+        exact: ``True`` for :func:`exact_diagonal`.
+    """
+
+    estimate: Tensor
+    stderr: Tensor
+    num_matvecs: int
+    method: str
+    exact: bool = False
+
+    @property
+    def converged(self) -> bool:
+        return bool(torch.isfinite(self.estimate).all())
+
+    @property
+    def status(self) -> Status:
+        """``Status.CONVERGED`` or ``Status.MAX_ITERS`` (the budget ran out first)."""
+        return _status(self.converged)
+
+
+@dataclass(frozen=True, eq=False)
+class CGResult(Serializable):
+    r"""Result of :func:`cg_solve` or :func:`minres_solve`.
+
+    Attributes:
+        solution: ``x`` with the shape of ``b``.
+        converged: every column met ``tol``.
+        status: a :class:`Status` value (for a block, the first column's status that is not
+            ``"converged"``, else ``"converged"``; see ``statuses``).
+        residual_norm: final residual norm, ``()`` or ``(k,)`` (CG: ``||r||`` from the
+            recurrence; MINRES: its estimate, in the :math:`M^{-1}`-norm when preconditioned).
+        residual_norms: history, ``(num_iters + 1,)`` or ``(num_iters + 1, k)`` (a finished
+            column keeps its last value).
+        num_iters: iterations run (the most over the columns).
+        num_matvecs: products with ``A`` (a block of ``k`` active columns counts ``k``).
+        statuses: per-column statuses (a tuple of one for ``b`` of shape ``(n,)``).
+        direction: CG only, a direction of non-positive curvature ``p`` (shape of ``b``,
+            zero columns where none was met), or ``None``.
+        curvature: ``p^T (A + damping I) p / ||p||^2`` for those directions (``nan`` where none),
+            or ``None``.
+        iterates: iterates kept by ``return_iterates``, ``{iteration: x}``, or ``None``.
+        method: ``"cg"`` or ``"minres"``.
+    """
+
+    solution: Tensor
+    converged: bool
+    status: str
+    residual_norm: Tensor
+    residual_norms: Tensor
+    num_iters: int
+    num_matvecs: int
+    statuses: tuple[str, ...]
+    direction: Tensor | None = None
+    curvature: Tensor | None = None
+    iterates: dict[int, Tensor] | None = None
+    method: str = "cg"
+
+    def __repr__(self) -> str:
+        rn = self.residual_norm
+        rn_s = f"{float(rn):.3g}" if rn.ndim == 0 else f"max {float(rn.max()):.3g}"
+        return (
+            f"CGResult(method={self.method!r}, status={self.status!r}, num_iters="
+            f"{self.num_iters}, residual_norm={rn_s}, num_matvecs={self.num_matvecs})"
+        )

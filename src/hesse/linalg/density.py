@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -13,7 +14,14 @@ from .._checks import NonFiniteError, check_choice, check_int, check_positive, w
 from ..operators.base import LinearOperator
 from ._probes import probes as draw_probes
 from ._results import EigenResult, SpectralDensity, _smooth
-from .checkpoint import interrupted_message, load_state, remove_state, save_state
+from .checkpoint import (
+    check_path,
+    fingerprint,
+    interrupted_message,
+    load_state,
+    remove_state,
+    save_state,
+)
 from .eigen import top_eigenpairs
 from .lanczos import (
     LanczosDecomposition,
@@ -183,8 +191,10 @@ def spectral_density(
             ``min(20, n // 20)``; ``0`` gives plain SLQ.
         checkpoint: a file path: the Lanczos state of all probes is saved there every
             ``checkpoint_every`` matvecs and on Ctrl-C; a later call with the same path
-            (same operator and settings) resumes from it; removed when the run finishes
-            (see :mod:`hesse.linalg.checkpoint`).
+            (same operator and settings) resumes from it; removed when the run finishes.
+            The path is checked at the start; the file records a fingerprint of the operator
+            (one extra product) and a file of another operator is refused (see
+            :mod:`hesse.linalg.checkpoint`).
         checkpoint_every: matvecs between saves (default 200).
         progress: show a progress bar (tqdm) over the Lanczos steps.
 
@@ -213,6 +223,8 @@ def spectral_density(
     """
     op = as_symmetric_operator(A, "spectral_density")
     n = op.shape[0]
+    if checkpoint is not None:
+        check_path(checkpoint)
     p = check_int(num_probes, "num_probes")
     m = min(check_int(num_steps, "num_steps"), n)
     check_int(num_grid, "num_grid", minimum=2)
@@ -239,6 +251,7 @@ def spectral_density(
             "probe": probe,
             "basis_dtype": str(basis_dtype or op.dtype),
             "deflate": k_defl,
+            "fingerprint": fingerprint(op),
         }
         saved = load_state(checkpoint, "spectral_density", config)
     exact, extra, run_op, U = None, 0, op, None
@@ -341,6 +354,7 @@ def spectral_density(
         raise
     if checkpoint is not None:
         remove_state(checkpoint)
-    return _assemble(
+    out = _assemble(
         dec, n, op.dtype, grid, sigma, num_grid, log_scale, log_floor, True, exact, extra
     )
+    return dataclasses.replace(out, psd=op.psd) if op.psd else out

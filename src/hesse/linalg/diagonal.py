@@ -3,7 +3,6 @@ r"""Diagonal of an operator: Hutchinson-type estimate with per-entry standard er
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,32 +10,10 @@ from torch import Tensor
 
 from .._checks import NonFiniteError, check_choice, check_int
 from ._probes import probes
+from ._results import DiagonalResult
 from .trace import DEFAULT_BLOCK_SIZE, _block_size, _matmat_blocked, _square_operator
 
 __all__ = ["DiagonalResult", "hutchinson_diagonal", "exact_diagonal", "xdiag"]
-
-
-@dataclass(frozen=True)
-class DiagonalResult:
-    """An estimate of :math:`\\operatorname{diag}(A)`.
-
-    Attributes:
-        estimate: ``(n,)``.
-        stderr: ``(n,)`` per-entry standard errors (zeros when exact).
-        num_matvecs: products with ``A`` used.
-        method: ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
-        exact: ``True`` for :func:`exact_diagonal`.
-    """
-
-    estimate: Tensor
-    stderr: Tensor
-    num_matvecs: int
-    method: str
-    exact: bool = False
-
-    @property
-    def converged(self) -> bool:
-        return bool(torch.isfinite(self.estimate).all())
 
 
 def _partial(sums: Tensor | None, sq: Tensor | None, count: int) -> DiagonalResult | None:

@@ -19,7 +19,14 @@ from .._checks import (
 )
 from ..operators.base import LinearOperator
 from ._results import EigenResult
-from .checkpoint import interrupted_message, load_state, remove_state, save_state
+from .checkpoint import (
+    check_path,
+    fingerprint,
+    interrupted_message,
+    load_state,
+    remove_state,
+    save_state,
+)
 from .lanczos import as_symmetric_operator, default_generator, orthonormalize, random_block
 
 __all__ = ["Which", "Criterion", "top_eigenpairs"]
@@ -451,8 +458,10 @@ def top_eigenpairs(
             float64 operator); default the operator's.
         checkpoint: a file path: the Krylov state is saved there every
             ``checkpoint_every`` matvecs and on Ctrl-C, and a later call with the same path
-            (same operator and settings) resumes from it; removed when the run finishes
-            (see :mod:`hesse.linalg.checkpoint`).
+            (same operator and settings) resumes from it; removed when the run finishes.
+            The path is checked at the start; the file records a fingerprint of the operator
+            (one extra product) and a file of another operator is refused (see
+            :mod:`hesse.linalg.checkpoint`).
         checkpoint_every: matvecs between saves (default 50).
         progress: show a progress bar (tqdm) with the largest error estimate.
 
@@ -479,6 +488,8 @@ def top_eigenpairs(
     """
     op = as_symmetric_operator(A, "top_eigenpairs")
     n = op.shape[0]
+    if checkpoint is not None:
+        check_path(checkpoint)
     check_int(k, "k", minimum=1)
     which = check_choice(which, "which", [w.value for w in Which])
     criterion = check_choice(criterion, "criterion", [c.value for c in Criterion])
@@ -527,6 +538,7 @@ def top_eigenpairs(
             "criterion": criterion,
             "block_size": b,
             "max_basis": m,
+            "fingerprint": fingerprint(op),
         }
         state = load_state(checkpoint, "top_eigenpairs", config)
         if state is not None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_finite, check_int, check_vector
+from .._serialize import Serializable
 from ..operators.base import LinearOperator, aslinearoperator
 
 __all__ = ["LanczosDecomposition", "lanczos"]
@@ -124,7 +125,7 @@ def orthonormalize(
 
 
 @dataclass(frozen=True, eq=False)
-class LanczosDecomposition:
+class LanczosDecomposition(Serializable):
     """``A Q_p = Q_p T_p + beta_p q_{p, m+1} e_m^T`` for each start vector ``p``.
 
     Attributes:

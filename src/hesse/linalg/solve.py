@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -26,20 +25,10 @@ from .._checks import (
     check_vector,
 )
 from ..operators.base import LinearOperator
+from ._results import CGResult, CGStatus
 from .trace import _square_operator
 
 __all__ = ["CGStatus", "CGResult", "CGState", "cg_solve", "minres_solve"]
-
-
-class CGStatus(str, Enum):
-    """Why a Krylov solve stopped."""
-
-    CONVERGED = "converged"  # relative residual <= tol
-    MAX_ITERS = "max_iters"  # budget exhausted (truncation)
-    NEGATIVE_CURVATURE = "negative_curvature"  # p^T (A + damping I) p <= 0 met by CG
-    BOUNDARY = "boundary"  # Steihaug-Toint: the step reached the trust-region radius
-    CALLBACK = "callback"  # the callback asked to stop
-    BREAKDOWN = "breakdown"  # MINRES: Krylov space exhausted without meeting tol (singular)
 
 
 _CODES = [s.value for s in CGStatus]
@@ -75,52 +64,6 @@ class CGState:
         if self.residual is None:
             raise ValueError("model_value needs the residual, which MINRES does not form.")
         return -0.5 * (self.solution * (self.residual + self.rhs)).sum(0)
-
-
-@dataclass(frozen=True, eq=False)
-class CGResult:
-    r"""Result of :func:`cg_solve` or :func:`minres_solve`.
-
-    Attributes:
-        solution: ``x`` with the shape of ``b``.
-        converged: every column met ``tol``.
-        status: a :class:`CGStatus` value (for a block, the first column's status that is not
-            ``"converged"``, else ``"converged"``; see ``statuses``).
-        residual_norm: final residual norm, ``()`` or ``(k,)`` (CG: ``||r||`` from the
-            recurrence; MINRES: its estimate, in the :math:`M^{-1}`-norm when preconditioned).
-        residual_norms: history, ``(num_iters + 1,)`` or ``(num_iters + 1, k)`` (a finished
-            column keeps its last value).
-        num_iters: iterations run (the most over the columns).
-        num_matvecs: products with ``A`` (a block of ``k`` active columns counts ``k``).
-        statuses: per-column statuses (a tuple of one for ``b`` of shape ``(n,)``).
-        direction: CG only, a direction of non-positive curvature ``p`` (shape of ``b``,
-            zero columns where none was met), or ``None``.
-        curvature: ``p^T (A + damping I) p / ||p||^2`` for those directions (``nan`` where none),
-            or ``None``.
-        iterates: iterates kept by ``return_iterates``, ``{iteration: x}``, or ``None``.
-        method: ``"cg"`` or ``"minres"``.
-    """
-
-    solution: Tensor
-    converged: bool
-    status: str
-    residual_norm: Tensor
-    residual_norms: Tensor
-    num_iters: int
-    num_matvecs: int
-    statuses: tuple[str, ...]
-    direction: Tensor | None = None
-    curvature: Tensor | None = None
-    iterates: dict[int, Tensor] | None = None
-    method: str = "cg"
-
-    def __repr__(self) -> str:
-        rn = self.residual_norm
-        rn_s = f"{float(rn):.3g}" if rn.ndim == 0 else f"max {float(rn.max()):.3g}"
-        return (
-            f"CGResult(method={self.method!r}, status={self.status!r}, num_iters="
-            f"{self.num_iters}, residual_norm={rn_s}, num_matvecs={self.num_matvecs})"
-        )
 
 
 # -- input handling -----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ return a frozen :class:`TraceResult`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -18,6 +17,8 @@ from torch import Tensor
 from .._checks import NonFiniteError, check_choice, check_finite, check_int
 from ..operators.base import LinearOperator, aslinearoperator
 from ._probes import probes
+from ._results import TraceResult
+from ._results import TraceResult
 
 __all__ = [
     "TraceMethod",
@@ -38,38 +39,6 @@ class TraceMethod(str, Enum):
     HUTCHINSON = "hutchinson"
     HUTCHPP = "hutchpp"
     XTRACE = "xtrace"
-
-
-@dataclass(frozen=True)
-class TraceResult:
-    r"""A trace estimate.
-
-    Attributes:
-        estimate: 0-d tensor, the estimate of :math:`\operatorname{tr}(A)`.
-        stderr: 0-d tensor, its standard error (standard deviation of the per-probe
-            estimates over the square root of their number, for XTrace see :func:`xtrace`;
-            ``0`` when exact, ``nan`` with a single probe).
-        num_matvecs: products with ``A`` used (columns of all blocks).
-        method: ``"hutchinson"``, ``"hutchpp"``, ``"xtrace"`` or ``"exact"``.
-        samples: the per-probe estimates whose mean is ``estimate`` (for Hutch++ the exact
-            low-rank part is added to each), shape ``(m,)``.
-        exact: ``True`` when the budget covered all ``n`` directions and the trace is exact.
-    """
-
-    estimate: Tensor
-    stderr: Tensor
-    num_matvecs: int
-    method: str
-    samples: Tensor
-    exact: bool = False
-
-    @property
-    def converged(self) -> bool:
-        """Estimators always spend their whole budget; ``True`` unless the result is partial."""
-        return bool(torch.isfinite(self.estimate))
-
-    def __float__(self) -> float:
-        return float(self.estimate)
 
 
 # -- shared helpers -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .._checks import (
 )
 from ..linalg._probes import rademacher
 from ..linalg.eigen import top_eigenpairs
-from ..operators.curvature import GGNOperator, HessianOperator
+from ..operators.factory import CURVATURES, curvature_operator
 from ._base import STATE_TAG, check_optimizer_params, check_state_dict
 from ._closure import evaluate
 
@@ -87,7 +87,8 @@ class CurvatureLR:
         c: safety fraction in ``(0, 1]``... or larger to probe the edge of stability (``> 0``).
         interval: calls to :meth:`step` between measurements.
         per_layer: one ``lambda_max`` per parameter group instead of one global value.
-        curvature: ``"hessian"`` (default) or ``"ggn"``.
+        curvature: a name of :func:`hesse.curvature_operator` (``"hessian"``, default;
+            ``"ggn"``, ``"fisher_exact"``, ``"fisher_mc"``, ``"fisher_empirical"``).
         num_matvecs: Lanczos budget per measurement.
         tol: Lanczos relative eigenvalue tolerance.
         max_lr: optional upper bound on the learning rate.
@@ -134,7 +135,7 @@ class CurvatureLR:
         self.c = check_positive(c, "c")
         self.interval = check_int(interval, "interval")
         self.per_layer = bool(per_layer)
-        self.curvature = check_choice(curvature, "curvature", ("hessian", "ggn"))
+        self.curvature = check_choice(curvature, "curvature", CURVATURES)
         self.num_matvecs = check_int(num_matvecs, "num_matvecs")
         self.tol = check_positive(tol, "tol")
         self.max_lr = None if max_lr is None else check_positive(max_lr, "max_lr")
@@ -159,15 +160,16 @@ class CurvatureLR:
         self.measure()
 
     def _operators(self) -> list[Any]:
-        cls = HessianOperator if self.curvature == "hessian" else GGNOperator
         kw = dict(check_determinism=False, **self.objective_kwargs)
-        if self.per_layer:
-            return [
-                cls(self.model, self.loss_fn, self.data, params=names, **kw)
-                for names in self._group_names
-            ]
-        all_names = [n for names in self._group_names for n in names]
-        return [cls(self.model, self.loss_fn, self.data, params=all_names, **kw)]
+        if self.curvature == "fisher_mc":
+            kw.setdefault("generator", self.generator)
+        groups = self._group_names if self.per_layer else [sum(self._group_names, [])]
+        return [
+            curvature_operator(
+                self.curvature, self.model, self.loss_fn, self.data, params=names, **kw
+            )
+            for names in groups
+        ]
 
     def measure(self) -> list[float]:
         """Measure ``lambda_max`` now and set the learning rates; returns the eigenvalues.

@@ -5,10 +5,15 @@ The factor definitions, normalisation and exactness statement are in
 on the fly from the training forward passes:
 
 * ``A`` from the layer inputs recorded by forward hooks;
-* ``G`` from output gradients: for the true Fisher (``fisher="mc"``, default) and
-  ``fisher="exact"`` an extra backward pass of sampled (or square-root) output gradients runs
-  right after the model's forward, on the retained graph, touching no ``.grad``; for
-  ``fisher="empirical"`` it runs when ``loss_fn`` is called, at the observed targets.
+* ``G`` from output gradients: when ``loss_fn`` is called on the model outputs (a forward
+  pre-hook on it, so the targets and their ``ignore_index`` are known), an extra backward
+  pass runs on the retained graph, touching no ``.grad``: of gradients at sampled targets
+  (``fisher="mc"``, the true Fisher, default), of the loss-Hessian square-root columns
+  (``"exact"``) or of the gradient at the observed targets (``"empirical"``). Its scale is
+  that of the batch loss (``1 / count`` of the batch's valid targets for ``"mean"``). If the
+  loss is computed another way (another loss instance, a functional loss), ``"mc"`` and
+  ``"exact"`` run when the backward pass reaches the model outputs, counting every output
+  row as a valid target.
 
 Both are kept as exponential running averages and inverted through eigendecompositions
 (float64) every ``inverse_update_interval`` steps.
@@ -30,14 +35,17 @@ from .._checks import (
     check_nonnegative,
     check_positive,
 )
-from ..func import loss_kind, reduction_scale
+from ..func import output_loss
 from ..operators.kfac import (
     FISHER_KINDS,
     UNSUPPORTED_POLICIES,
+    all_uses,
     eigen_factors,
     eigen_solve,
     find_kfac_layers,
+    nearest_kronecker,
     output_gradient_factors,
+    output_residuals,
 )
 from ._base import STATE_TAG, check_optimizer_params, check_state_dict, params_and_model
 from ._closure import closure_loss
@@ -79,8 +87,10 @@ class KFACPreconditioner:
         p.grad <- D
 
     Args:
-        model: the network; its ``Linear``, ``Conv2d`` and (dense) ``Embedding`` layers are
-            preconditioned. The model's output must be the tensor passed to ``loss_fn``.
+        model: the network; its ``Linear`` (any leading dims), ``Conv1d/2d/3d``, (dense)
+            ``Embedding`` and HF ``Conv1D`` layers are preconditioned, tied weights with the
+            statistics of all their uses (see :func:`hesse.operators.kfac.find_kfac_layers`).
+            The model's output must be the tensor passed to ``loss_fn``.
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` (its
             likelihood defines the Fisher, its ``reduction`` the scale of ``G``).
         fisher: ``"mc"`` (true Fisher, targets sampled from the model, default),
@@ -95,8 +105,9 @@ class KFACPreconditioner:
         factor_update_interval, inverse_update_interval: in steps.
         kl_clip: trust bound on ``lr^2 <D, grad>`` (Ba et al. 2017), or ``None``.
         lr: learning rate used by ``kl_clip`` (set it to the optimizer's).
-        unsupported: ``"raise"`` (default) or ``"skip"`` (plain gradient) for other layers
-            with parameters.
+        unsupported: parameters K-FAC cannot factor (BatchNorm, LayerNorm, RMSNorm, ...):
+            ``"first_order"`` (default, alias ``"skip"``: they keep their plain gradient, one
+            warning names them) or ``"raise"``.
         generator: randomness for ``"mc"`` (default: a fresh private generator).
 
     References:
@@ -119,18 +130,23 @@ class KFACPreconditioner:
         inverse_update_interval: int = 10,
         kl_clip: float | None = None,
         lr: float = 1.0,
-        unsupported: str = "raise",
+        unsupported: str = "first_order",
         generator: torch.Generator | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
         self.loss_fn = loss_fn
-        self.kind = loss_kind(loss_fn)
-        self.reduction = getattr(loss_fn, "reduction", "mean")
-        if self.reduction not in ("mean", "sum"):
+        self.loss = output_loss(loss_fn)
+        if self.loss.reduction not in ("mean", "sum"):
             raise ValueError(
-                f"loss_fn must have reduction 'mean' or 'sum'; got {self.reduction!r}."
+                f"loss_fn must have reduction 'mean' or 'sum'; got {self.loss.reduction!r}."
+            )
+        if not isinstance(loss_fn, nn.Module):
+            raise TypeError(
+                "KFACPreconditioner records the output-gradient statistics when loss_fn is "
+                "called, so loss_fn must be an nn.Module (e.g. nn.CrossEntropyLoss()); got "
+                f"{type(loss_fn).__name__}."
             )
         self.fisher = check_choice(fisher, "fisher", FISHER_KINDS)
         self.num_samples = check_int(num_samples, "num_samples")
@@ -156,23 +172,22 @@ class KFACPreconditioner:
         self.layers, self.skipped = find_kfac_layers(
             model, None, check_choice(unsupported, "unsupported", UNSUPPORTED_POLICIES)
         )
+        self.uses = all_uses(self.layers)
         self.steps = 0
-        self.factors: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        # running averages (A, G) per use; eigendecompositions per layer
+        self.factors: list[tuple[Tensor, Tensor] | None] = [None] * len(self.uses)
         self._eig: list[tuple | None] = [None] * len(self.layers)
         self._reset_pending()
         self._handles = [
-            layer.module.register_forward_hook(self._layer_hook(i))
-            for i, layer in enumerate(self.layers)
+            use.module.register_forward_hook(self._layer_hook(i)) for i, use in enumerate(self.uses)
         ]
+        self._handles.append(loss_fn.register_forward_pre_hook(self._loss_hook))
         self._handles.append(model.register_forward_hook(self._model_hook))
-        if self.fisher == "empirical":
-            if not isinstance(loss_fn, nn.Module):
-                raise TypeError("fisher='empirical' needs loss_fn to be an nn.Module.")
-            self._handles.append(loss_fn.register_forward_pre_hook(self._loss_hook))
+        self._in_fallback = False
 
     # -- recording ----------------------------------------------------------------------
     def _reset_pending(self) -> None:
-        L = len(self.layers)
+        L = len(self.uses)
         self._A_sum: list[Tensor | None] = [None] * L
         self._A_count = [0] * L
         self._G_sum: list[Tensor | None] = [None] * L
@@ -183,12 +198,12 @@ class KFACPreconditioner:
         return torch.is_grad_enabled() and self.steps % self.factor_update_interval == 0
 
     def _layer_hook(self, i: int) -> Callable:
-        layer = self.layers[i]
+        use = self.uses[i]
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if not self._recording():
                 return
-            s, m = layer.a_sum(args[0])
+            s, m = use.a_sum(args[0])
             self._A_sum[i] = s if self._A_sum[i] is None else self._A_sum[i] + s
             self._A_count[i] += m
             if isinstance(output, Tensor) and output.requires_grad:
@@ -197,11 +212,28 @@ class KFACPreconditioner:
         return hook
 
     def _model_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self._recording() or not self._outputs:
+        """Fallback when the loss is computed without ``loss_fn`` (another instance, a
+        functional loss): at the backward pass through the outputs, with every output row
+        counted as a valid target."""
+        f = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+        if not self._recording() or not self._outputs or not isinstance(f, Tensor):
             return
-        if self.fisher == "empirical":
-            return  # done in the loss hook, at the observed targets
-        self._accumulate_g(output, None)
+        if not f.requires_grad:
+            return
+        pending = self._outputs
+
+        def fallback(grad: Tensor) -> None:
+            if self._in_fallback or self._outputs is not pending or not pending:
+                return  # loss_fn was called (statistics done), or a nested pass
+            if self.fisher == "empirical":
+                return  # needs the targets: step() says so if no statistics arrive
+            self._in_fallback = True
+            try:
+                self._accumulate_g(f, None)
+            finally:
+                self._in_fallback = False
+
+        f.register_hook(fallback)
 
     def _loss_hook(self, module: nn.Module, args: tuple) -> None:
         if not self._recording() or not self._outputs or len(args) < 2:
@@ -212,19 +244,24 @@ class KFACPreconditioner:
         outputs, self._outputs = self._outputs, {}
         if not isinstance(f, Tensor) or not f.requires_grad:
             raise TypeError(
-                "KFACPreconditioner expects the model to return the output tensor passed to "
-                f"loss_fn (with a graph); got {type(f).__name__}."
+                "KFACPreconditioner expects loss_fn to be called on the model outputs (a "
+                f"tensor with a graph, e.g. out.logits of an HF model); got {type(f).__name__}."
             )
-        c = reduction_scale(self.kind, self.reduction, f)
+        loss = self.loss
+        if targets is None:  # every row valid
+            if loss.kind == "ce":
+                cd = loss.class_dim % f.ndim
+                shape = f.shape[:cd] + f.shape[cd + 1 :]
+                targets = torch.zeros(shape, dtype=torch.long, device=f.device)
+            else:
+                targets = torch.zeros_like(f.detach())
+        c = 1.0
+        if loss.reduction == "mean":
+            c = 1.0 / loss.count(targets).to(f.dtype).clamp_min(1)
+        at = loss.at(f, targets)
+        R, rw = output_residuals(at, self.fisher, self.num_samples, self.generator)
         gs = output_gradient_factors(
-            self.layers,
-            outputs,
-            f,
-            fisher=self.fisher,
-            kind=self.kind,
-            targets=targets,
-            num_samples=self.num_samples,
-            generator=self.generator,
+            self.uses, outputs, f, R, rw, deterministic=self.fisher != "mc"
         )
         for i, g in gs.items():
             g = c * g
@@ -235,8 +272,14 @@ class KFACPreconditioner:
     @torch.no_grad()
     def update_factors(self) -> None:
         """Fold the statistics recorded since the last call into the running averages."""
+        if any(a is not None for a in self._A_sum) and all(g is None for g in self._G_sum):
+            raise RuntimeError(
+                "KFACPreconditioner recorded layer inputs but loss_fn was never called on the "
+                "model outputs since the last step: call the loss_fn passed to it (it records "
+                "the output-gradient statistics), e.g. loss = loss_fn(model(X), y)."
+            )
         rho = self.factor_decay
-        for i in range(len(self.layers)):
+        for i in range(len(self.uses)):
             if self._A_sum[i] is None or self._G_sum[i] is None:
                 continue
             A = self._A_sum[i] / self._A_count[i]
@@ -248,10 +291,24 @@ class KFACPreconditioner:
                 self.factors[i] = (rho * old[0] + (1 - rho) * A, rho * old[1] + (1 - rho) * G)
         self._reset_pending()
 
+    def _layer_factors(self) -> list[list[tuple[Tensor, Tensor]] | None]:
+        """Per layer the ``(L, R)`` terms of its uses (``None`` until all uses have factors)."""
+        out, i = [], 0
+        for layer in self.layers:
+            fs = self.factors[i : i + len(layer.uses)]
+            i += len(layer.uses)
+            ok = all(f is not None for f in fs)
+            out.append([u.term(*f) for u, f in zip(layer.uses, fs)] if ok else None)
+        return out
+
     @torch.no_grad()
     def update_inverses(self) -> None:
-        """Recompute the eigendecompositions of all factors."""
-        self._eig = [None if f is None else eigen_factors(*f) for f in self.factors]
+        """Recompute the eigendecompositions of all factors (of the nearest Kronecker product
+        of the terms of a tied weight's uses)."""
+        self._eig = [
+            None if t is None else eigen_factors(*nearest_kronecker(t))
+            for t in self._layer_factors()
+        ]
 
     @torch.no_grad()
     def precondition(self) -> Tensor | None:
@@ -266,7 +323,7 @@ class KFACPreconditioner:
             if eig is None or any(p.grad is None for p in params):
                 continue
             grad_mat = layer.to_matrix([p.grad.unsqueeze(0) for p in params])
-            D = eigen_solve(layer, eig, grad_mat, self.damping, factored=factored)
+            D = eigen_solve(eig, grad_mat, self.damping, factored=factored)
             todo.append((layer, D, grad_mat))
         nu = None
         if self.kl_clip is not None and todo:
@@ -303,7 +360,7 @@ class KFACPreconditioner:
         if self.steps % self.factor_update_interval == 0:
             self.update_factors()
         if self.steps % self.inverse_update_interval == 0 or any(
-            e is None and f is not None for e, f in zip(self._eig, self.factors)
+            e is None and f is not None for e, f in zip(self._eig, self._layer_factors())
         ):
             self.update_inverses()
         nu = self.precondition()
@@ -320,10 +377,12 @@ class KFACPreconditioner:
 
         bad = [
             layer.name or "<root>"
-            for i, layer in enumerate(self.layers)
-            if not all(
-                finite(t) for t in [p.grad for p in layer.params] + [self._A_sum[i], self._G_sum[i]]
-            )
+            for layer in self.layers
+            if not all(finite(p.grad) for p in layer.params)
+        ] + [
+            use.name or "<root>"
+            for i, use in enumerate(self.uses)  # statistics are per use (tied weights)
+            if not (finite(self._A_sum[i]) and finite(self._G_sum[i]))
         ]
         if bad:
             self.discard_pending()
@@ -354,10 +413,10 @@ class KFACPreconditioner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_dict(self, state, ("steps", "factors", "eig", "generator", "damping", "lr"))
-        if len(state["factors"]) != len(self.layers):
+        if len(state["factors"]) != len(self.uses) or len(state["eig"]) != len(self.layers):
             raise ValueError(
-                f"State holds {len(state['factors'])} K-FAC layers, the model has "
-                f"{len(self.layers)}."
+                f"State holds {len(state['factors'])} K-FAC layer uses and {len(state['eig'])} "
+                f"layers, the model has {len(self.uses)} and {len(self.layers)}."
             )
         self.steps = int(state["steps"])
         self.factors = [
@@ -380,7 +439,7 @@ class KFACPreconditioner:
         self._handles.clear()
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{layer.name or '<root>'}:{layer.kind}" for layer in self.layers)
+        names = ", ".join(f"{u.name or '<root>'}:{u.kind}" for u in self.uses)
         return f"KFACPreconditioner(fisher={self.fisher!r}, layers=[{names}])"
 
 

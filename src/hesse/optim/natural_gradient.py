@@ -10,9 +10,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .._checks import check_choice, check_finite, check_int, check_positive
-from ..func import loss_kind
+from ..func import output_loss
 from ..linalg.solve import CGResult, cg_solve
-from ..operators.curvature import FisherOperator
+from ..operators.factory import curvature_operator
 from ..operators.kfac import KFACOperator
 from ._base import STATE_TAG, Rollback, check_optimizer_params, check_state_dict, params_and_model
 from ._closure import evaluate
@@ -104,7 +104,7 @@ class NaturalGradient(Optimizer):
                 "loss_fn must be an nn.Module (nn.MSELoss, nn.CrossEntropyLoss, "
                 f"nn.BCEWithLogitsLoss); got {type(loss_fn).__name__}."
             )
-        loss_kind(loss_fn)
+        output_loss(loss_fn)  # a likelihood loss (NotImplementedError otherwise)
         check_positive(lr, "lr")
         check_positive(damping, "damping")
         if (
@@ -197,15 +197,15 @@ class NaturalGradient(Optimizer):
 
     def _direction(self, data, names, g, damping, params):
         if self.method == "cg":
-            F = FisherOperator(
+            mc = dict(num_samples=self.num_samples, generator=self.generator)
+            F = curvature_operator(
+                f"fisher_{self.fisher}",
                 self.model,
                 self.loss_fn,
                 data,
                 params=names,
-                kind=self.fisher,
-                num_samples=self.num_samples,
-                generator=self.generator,
                 check_determinism=False,
+                **(mc if self.fisher == "mc" else {}),
             )
             x0 = self.state[params[0]].get("direction") if params[0] in self.state else None
             with torch.enable_grad():

@@ -159,7 +159,36 @@ class _LineSearchQuasiNewton(SecondOrderOptimizer):
 
 
 class _DenseInverseQN(_LineSearchQuasiNewton):
-    """Quasi-Newton with a dense inverse-Hessian approximation ``H`` (``n x n``)."""
+    """Quasi-Newton with a dense inverse-Hessian approximation ``H`` (``n x n``): the shared
+    skeleton of BFGS and DFP (constructor, direction, reset, initial scaling); each
+    implements only its ``_update``."""
+
+    _shared = _LineSearchQuasiNewton._shared + ("scale_initial",)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1.0,
+        *,
+        line_search_fn: str | None = "strong_wolfe",
+        c1: float = 1e-4,
+        c2: float = 0.9,
+        max_evals: int = 25,
+        tolerance_grad: float = 0.0,
+        curvature_safeguard: str = "skip",
+        scale_initial: bool = False,
+    ):
+        defaults = dict(
+            lr=lr,
+            line_search_fn=line_search_fn,
+            c1=c1,
+            c2=c2,
+            max_evals=max_evals,
+            tolerance_grad=tolerance_grad,
+            curvature_safeguard=curvature_safeguard,
+            scale_initial=scale_initial,
+        )
+        super().__init__(params, defaults)
 
     def _H(self) -> Tensor | None:
         return self._st.get("H")
@@ -226,31 +255,6 @@ class BFGS(_DenseInverseQN):
         Nocedal & Wright (2006), Algorithm 6.1.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1.0,
-        *,
-        line_search_fn: str | None = "strong_wolfe",
-        c1: float = 1e-4,
-        c2: float = 0.9,
-        max_evals: int = 25,
-        tolerance_grad: float = 0.0,
-        curvature_safeguard: str = "skip",
-        scale_initial: bool = False,
-    ):
-        defaults = dict(
-            lr=lr,
-            line_search_fn=line_search_fn,
-            c1=c1,
-            c2=c2,
-            max_evals=max_evals,
-            tolerance_grad=tolerance_grad,
-            curvature_safeguard=curvature_safeguard,
-            scale_initial=scale_initial,
-        )
-        super().__init__(params, defaults)
-
     def _update(self, s: Tensor, y: Tensor, Bs: Tensor | None) -> None:
         st = self._st
         H = st.get("H")
@@ -283,30 +287,8 @@ class DFP(_DenseInverseQN):
         Davidon (1959); Fletcher & Powell (1963); Nocedal & Wright (2006), eq. (6.15).
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1.0,
-        *,
-        line_search_fn: str | None = "strong_wolfe",
-        c1: float = 1e-4,
-        c2: float = 0.1,
-        max_evals: int = 25,
-        tolerance_grad: float = 0.0,
-        curvature_safeguard: str = "skip",
-        scale_initial: bool = False,
-    ):
-        defaults = dict(
-            lr=lr,
-            line_search_fn=line_search_fn,
-            c1=c1,
-            c2=c2,
-            max_evals=max_evals,
-            tolerance_grad=tolerance_grad,
-            curvature_safeguard=curvature_safeguard,
-            scale_initial=scale_initial,
-        )
-        super().__init__(params, defaults)
+    def __init__(self, params: Any, lr: float = 1.0, *, c2: float = 0.1, **kwargs: Any):
+        super().__init__(params, lr, c2=c2, **kwargs)
 
     def _update(self, s: Tensor, y: Tensor, Bs: Tensor | None) -> None:
         st = self._st
