@@ -18,7 +18,6 @@ from .._checks import NonFiniteError, check_choice, check_finite, check_int
 from ..operators.base import LinearOperator, aslinearoperator
 from ._probes import probes
 from ._results import TraceResult
-from ._results import TraceResult
 
 __all__ = [
     "TraceMethod",
