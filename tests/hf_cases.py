@@ -94,6 +94,27 @@ def bert():
     return model, batches, _cls_ref
 
 
+def _tokens_ref(logits, labels):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def bert_mlm():
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(
+        vocab_size=V, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    model = BertForMaskedLM(cfg).double().eval()
+    g = torch.Generator().manual_seed(6)
+    batches = _lm_batches(g)
+    for b in batches:  # predict ~40% of the tokens, the rest ignored
+        keep = torch.rand(b["labels"].shape, generator=g) < 0.4
+        b["labels"] = b["labels"].masked_fill(~keep, -100)
+    return model, batches, _tokens_ref
+
+
 def _image_batches(g: torch.Generator) -> list[dict]:
     x = torch.randn(5, 1, 8, 8, generator=g, dtype=D)
     y = torch.randint(0, C, (5,), generator=g)
@@ -133,6 +154,7 @@ HF_CASES: dict[str, Callable] = {
     "gpt2": gpt2,
     "llama": llama,
     "bert": bert,
+    "bert_mlm": bert_mlm,
     "vit": vit,
     "resnet": resnet,
 }

@@ -375,3 +375,30 @@ def test_recompute_and_structured_obs_quality():
         with torch.no_grad():
             losses[method] = float(loss_fn(m(X), y))
     assert losses["obs"] < losses["magnitude"]
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "fisher_empirical"])
+def test_sequence_ce_blocks_match_the_factory_operators(curvature):
+    """Per-token rows: exact blocks of an LM-shaped model with ignore_index, two batches."""
+    import hesse
+    from hesse.compress import curvature_blocks
+    from hesse.func import output_loss
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(5, 3), nn.Tanh(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)
+    )
+    model = model.double()
+    loss_fn = output_loss(nn.CrossEntropyLoss(), class_dim=-1)
+    data = []
+    for B in (2, 1):
+        ids = torch.randint(0, 5, (B, 4), generator=g)
+        y = torch.randint(0, 5, (B, 4), generator=g)
+        y[0, 1] = -100
+        data.append((ids, y))
+    blocks = curvature_blocks(model, loss_fn, data, curvature=curvature, block_size=None)
+    for name in ("2.weight", "4.weight"):
+        op = hesse.curvature_operator(curvature, model, loss_fn, data, params=[name])
+        ref = op.to_dense()
+        assert float((blocks[name][0] - ref).norm() / ref.norm()) < 1e-10

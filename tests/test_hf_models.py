@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import hesse
+from hesse.objective import math_attention
 from tests.hf_cases import HF_CASES, Reference
 
 pytest.importorskip("transformers")
@@ -24,9 +25,18 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def build(name):
+    """The case, or a skip when this transformers install cannot import the model (a
+    broken optional dependency such as a torchvision built for another torch)."""
+    try:
+        return HF_CASES[name]()
+    except ImportError as e:
+        pytest.skip(f"transformers cannot import the {name} model here: {e}")
+
+
 @pytest.fixture(scope="module", params=list(HF_CASES))
 def case(request):
-    model, batches, ref_loss = HF_CASES[request.param]()
+    model, batches, ref_loss = build(request.param)
     return request.param, model, batches, Reference(model, batches, ref_loss)
 
 
@@ -40,6 +50,8 @@ def test_default_loss_is_the_models_own_training_loss(case):
     torch.testing.assert_close(H.loss(), mine, rtol=1e-12, atol=1e-14)
     if name in ("gpt2", "llama"):  # mean over the valid targets of the whole data set
         assert H.objective.count == int((ref.labels[:, 1:] != -100).sum())
+    if name == "bert_mlm":
+        assert H.objective.count == int((ref.labels != -100).sum())
 
 
 def test_hessian_ggn_fisher_products_match_references(case):
@@ -57,10 +69,27 @@ def test_hessian_ggn_fisher_products_match_references(case):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpt2_products_on_cuda():
-    model, batches, ref_loss = HF_CASES["gpt2"]()
+    model, batches, ref_loss = build("gpt2")
     ref = Reference(model, batches, ref_loss)
     V = torch.randn(ref.theta0.numel(), 2, generator=torch.Generator().manual_seed(0), dtype=D)
     expected = ref.ggn_mm(V)
     model = model.cuda()  # the batches stay on the CPU and follow the model
     G = hesse.GGNOperator(model, None, batches)
     assert _rel((G @ V.cuda()).cpu(), expected) < 1e-9
+
+
+def test_gpt2_empirical_fisher_is_per_token():
+    model, batches, ref_loss = build("gpt2")
+    ref = Reference(model, batches, ref_loss)
+    labels = ref.labels[:, 1:].reshape(-1)
+    valid = labels != -100
+
+    def token_nll(theta):  # one loss term per valid token
+        rows = ref.logits(theta)[:, :-1].reshape(-1, ref.logits(theta).shape[-1])[valid]
+        return torch.nn.functional.cross_entropy(rows, labels[valid], reduction="none")
+
+    with math_attention():
+        g = torch.autograd.functional.jacobian(token_nll, ref.theta0)  # (tokens, n)
+    V = torch.randn(ref.theta0.numel(), 2, generator=torch.Generator().manual_seed(1), dtype=D)
+    E = hesse.curvature_operator("fisher_empirical", model, None, batches)
+    assert _rel(E @ V, g.T @ (g @ V) / g.shape[0]) < 1e-9

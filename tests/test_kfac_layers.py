@@ -298,3 +298,52 @@ def test_pruned_layers_are_factored_through_weight_orig():
     layers, skipped = find_kfac_layers(model)
     assert [layer.weight_name for layer in layers] == ["0.weight_orig", "2.weight"]
     assert skipped == []
+
+
+# -- sequence cross-entropy with ignore_index --------------------------------------------
+def _lm(seed=11):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(6, 3), nn.Tanh(), nn.Linear(3, 6)).to(DT)
+
+
+def _lm_data(seed=11):
+    g = _gen(seed)
+    data = []
+    for B in (2, 1):
+        ids = torch.randint(0, 6, (B, 5), generator=g)
+        y = torch.randint(0, 6, (B, 5), generator=g)
+        y[0, :2] = -100
+        data.append((ids, y))
+    return data
+
+
+def test_sequence_ce_factors_closed_form_and_batching_invariant():
+    from hesse.func import output_loss
+
+    model, data = _lm(), _lm_data()
+    loss_fn = output_loss(nn.CrossEntropyLoss(), class_dim=-1)  # logits (B, T, V)
+    K = KFACOperator(model, loss_fn, data)
+    A, G = K.factors["2"]
+    ids = torch.cat([d[0] for d in data])
+    y = torch.cat([d[1] for d in data])
+    h = torch.tanh(model[0](ids)).reshape(-1, 3).detach()
+    a = torch.cat([h, torch.ones(len(h), 1, dtype=DT)], 1)
+    assert rel(A, a.T @ a / len(a)) < 1e-12  # every position the layer processes
+    p = torch.softmax(model(ids), -1).reshape(-1, 6).detach()
+    valid = y.reshape(-1) != -100
+    H = torch.stack([torch.diag(q) - torch.outer(q, q) for q in p[valid]]).sum(0)
+    assert rel(G, H / int(valid.sum())) < 1e-12  # mean over the valid targets of all data
+    merged = [(ids, y)]
+    K1 = KFACOperator(model, loss_fn, merged)
+    v = torch.randn(K.shape[0], generator=_gen(1), dtype=DT)
+    assert rel(K @ v, K1 @ v) < 1e-12
+    # the preconditioner sees the same statistics through the loss call (ignore_index kept)
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    pre = KFACPreconditioner(model, ce, fisher="exact")
+    ce(model(ids).reshape(-1, 6), y.reshape(-1)).backward()
+    pre.step()
+    seq_sum = output_loss(ce, class_dim=-1)
+    ref = KFACOperator(model, seq_sum, merged).factors["2"]
+    assert rel(pre.factors[1][1], ref[1]) < 1e-12
+    assert rel(pre.factors[1][1], H) < 1e-12
+    pre.remove()

@@ -59,7 +59,10 @@ __all__ = [
 
 # -- which weights: the K-FAC layer registry ----------------------------------------------------
 
-CURVATURES = ("ggn", "fisher")
+# "fisher" is the empirical Fisher (per loss row); the factory's names are accepted too and
+# mean the same as everywhere in hesse ("fisher_exact" == the GGN for these losses)
+CURVATURES = ("ggn", "fisher", "fisher_exact", "fisher_empirical")
+_SAME = {"fisher_exact": "ggn", "fisher_empirical": "fisher"}
 _COMPRESSIBLE = ("linear", "conv", "conv1d_hf")
 
 
@@ -180,6 +183,7 @@ def factor_chunks(
     (``"ggn"``) or empirical Fisher (``"fisher"``, per loss row) block of each weight, under
     the loss's normalisation (:func:`hesse.operators.kfac.weight_gradient_factors`)."""
     curvature = check_choice(curvature, "curvature", CURVATURES)
+    curvature = _SAME.get(curvature, curvature)
     chunk_size = check_int(chunk_size, "chunk_size")
     ob = Objective(
         model,
@@ -226,15 +230,25 @@ def block_diagonal(
     per weight (``r`` factor rows), memory ``n s``.
     """
     sizes = {r.name: block_size_for(r, block_size) for r in refs}
-    blocks: dict[str, Tensor] = {}
-    for U in factor_chunks(model, loss_fn, data, refs, curvature, chunk_size=chunk_size):
+
+    def block(name: str, u: Tensor) -> Tensor:
+        ub = u.reshape(u.shape[0], -1, sizes[name])
+        return torch.einsum("rbi,rbj->bij", ub, ub)
+
+    chunks = factor_chunks(model, loss_fn, data, refs, curvature, chunk_size=chunk_size)
+    return _sum_over_chunks(chunks, block, "the curvature blocks")
+
+
+def _sum_over_chunks(chunks: Iterator[dict[str, Tensor]], fn: Callable, what: str) -> dict:
+    """``{name: sum over chunks of fn(name, U)}``, checked finite."""
+    out: dict[str, Tensor] = {}
+    for U in chunks:
         for name, u in U.items():
-            ub = u.reshape(u.shape[0], -1, sizes[name])
-            contrib = torch.einsum("rbi,rbj->bij", ub, ub)
-            blocks[name] = blocks[name] + contrib if name in blocks else contrib
-    for name, b in blocks.items():
-        check_finite(b, f"the curvature blocks of {name}")
-    return blocks
+            c = fn(name, u)
+            out[name] = out[name] + c if name in out else c
+    for name, t in out.items():
+        check_finite(t, f"{what} of {name}")
+    return out
 
 
 def diagonal(
@@ -247,13 +261,8 @@ def diagonal(
     chunk_size: int = 256,
 ) -> dict[str, Tensor]:
     """Exact diagonal of the GGN / empirical Fisher of each weight, shaped like the weight."""
-    diag: dict[str, Tensor] = {}
-    for U in factor_chunks(model, loss_fn, data, refs, curvature, chunk_size=chunk_size):
-        for name, u in U.items():
-            d = u.pow(2).sum(0)
-            diag[name] = diag[name] + d if name in diag else d
-    for name, d in diag.items():
-        check_finite(d, f"the curvature diagonal of {name}")
+    chunks = factor_chunks(model, loss_fn, data, refs, curvature, chunk_size=chunk_size)
+    diag = _sum_over_chunks(chunks, lambda _, u: u.pow(2).sum(0), "the curvature diagonal")
     return {r.name: diag[r.name].reshape(r.param.shape) for r in refs}
 
 
@@ -395,7 +404,7 @@ def obs_masked_update(w: Tensor, H: Tensor, new_mask: Tensor) -> Tensor:
 
 # -- curvature of a model's weights -----------------------------------------------------------
 
-_DIAG_CURVATURES = ("ggn", "fisher", "hessian")
+_DIAG_CURVATURES = (*CURVATURES, "hessian")
 
 
 def curvature_diagonal(

@@ -48,27 +48,31 @@ class OutputGraph:
             return torch.zeros(
                 (k, *self.outputs.shape), dtype=self.outputs.dtype, device=self.outputs.device
             )
+        batched = k > 1  # one direction: plain autograd, no vmap overhead (CG)
         (out,) = torch.autograd.grad(
             [self._vjp_u[i] for i in live],
             self._u,
-            [V[i] for i in live],
+            [V[i] if batched else V[i][0] for i in live],
             retain_graph=True,
-            is_grads_batched=True,
+            is_grads_batched=batched,
         )
-        return out
+        return out if batched else out.unsqueeze(0)
 
     def vjp(self, W: Tensor) -> list[Tensor]:
         """``J^T W`` for ``W`` of shape ``(k, *out)``; returns tensors ``(k, *param.shape)``."""
+        batched = W.shape[0] > 1
         res = torch.autograd.grad(
             self.outputs,
             self.params,
-            W,
+            W if batched else W[0],
             retain_graph=True,
             allow_unused=True,
-            is_grads_batched=True,
+            is_grads_batched=batched,
         )
         return [
-            torch.zeros((W.shape[0], *p.shape), dtype=p.dtype, device=p.device) if r is None else r
+            torch.zeros((W.shape[0], *p.shape), dtype=p.dtype, device=p.device)
+            if r is None
+            else (r if batched else r.unsqueeze(0))
             for r, p in zip(res, self.params)
         ]
 

@@ -23,6 +23,14 @@ at targets sampled from the model's predictive distribution, the *true* Fisher;
 ``bias``) the ``Linear``/``Conv2d`` block is ``kron(G, A)`` permuted, the ``Embedding``
 block ``kron(A, G)``.
 
+Losses come from :class:`hesse.func.OutputLoss` (sequence cross-entropy over ``(B, T, V)``,
+``ignore_index``, causal shift): ``c_n`` is the objective's weight of the sum loss, so a mean
+is over the valid targets of the whole data set however it is batched. Ignored targets add
+nothing to ``G``; ``A`` averages over every position a layer processes, ignored ones
+included (through attention they still shape the valid outputs). A layer output shared by
+the samples of a batch (a position embedding broadcast over it) gets its exact/empirical
+columns backpropagated one sample at a time, so the factors do not depend on the batching.
+
 The layer registry (:func:`find_kfac_layers`) finds weights by identity: a tensor used by
 several modules (tied input/output embeddings) is one :class:`KFACLayer` whose block is the
 sum of the terms of all its uses (see there). Parameters K-FAC cannot factor (normalisation

@@ -1,7 +1,8 @@
 """Second-order optimizers as ``torch.optim.Optimizer`` subclasses, and preconditioners.
 
 **The closure contract** (one for every method here: switching from ``LBFGS`` to ``Newton``
-or ``HessianFree`` is a one-line change)::
+or ``HessianFree(curvature="hessian")`` is a one-line change; the default ``"ggn"`` also needs
+the outputs, see below)::
 
     def closure():
         opt.zero_grad()

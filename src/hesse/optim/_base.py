@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._checks import NonFiniteError, check_positive
+from .._checks import check_positive
 from ..func import GradGraph, OutputGraph, ravel, ravel_block, unravel_block
 from ..operators.base import LinearOperator
 from ._closure import Evaluation, evaluate
@@ -329,16 +329,9 @@ class SecondOrderOptimizer(Optimizer):
         st = self._st
         st["func_evals"] += 1
         st["grad_evals"] += 1
-        g = self._vec.flatten(ev.grads)
-        # at trial points the callers test g through g^T d (NaN propagates), saving a sync
-        if not math.isfinite(ev.f) or (first and not bool(torch.isfinite(g).all())):
-            if first:
-                raise NonFiniteError(
-                    "The closure returned a non-finite loss or gradient at the current "
-                    "parameters; nothing to restart from."
-                )
-            ev.f = math.inf
-        return ev, g
+        # ``first``: evaluate raised on NaN/inf. At trial points ev.f is inf for a non-finite
+        # loss and callers test g through g^T d (NaN propagates), saving a sync.
+        return ev, self._vec.flatten(ev.grads)
 
     def _phi(
         self, closure: Callable[[], Any], x0: Tensor, d: Tensor, *, create_graph: bool = False
@@ -468,7 +461,12 @@ class GGNProductOperator(LinearOperator):
             return torch.zeros_like(V)
         with torch.enable_grad():
             JV = self.graph.jmp(self.vec.split_block(V))  # (k, *out)
+            batched = V.shape[1] > 1
             (HJV,) = torch.autograd.grad(
-                self.dloss, self.outputs, JV, retain_graph=True, is_grads_batched=True
+                self.dloss,
+                self.outputs,
+                JV if batched else JV[0],
+                retain_graph=True,
+                is_grads_batched=batched,
             )
-            return self.vec.join_block(self.graph.vjp(HJV))
+            return self.vec.join_block(self.graph.vjp(HJV if batched else HJV.unsqueeze(0)))

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import NonFiniteError, warn_once
+from .._checks import _LIKELY_CAUSES, NonFiniteError, warn_once
 from ..objective import math_attention
 
 __all__ = ["Evaluation", "closure_loss", "evaluate", "graph_mode", "loss_only"]
@@ -182,7 +182,7 @@ def closure_loss(closure: Callable[[], Any] | None) -> Tensor | None:
     if not bool(torch.isfinite(loss).all()):
         raise NonFiniteError(
             f"The closure returned a non-finite loss ({float(loss)}); parameters and optimizer "
-            "state are unchanged."
+            f"state are unchanged. {_LIKELY_CAUSES}"
         )
     return loss
 
@@ -254,13 +254,15 @@ def evaluate(
     if not math.isfinite(f):
         if require_finite:
             raise NonFiniteError(
-                f"The closure returned a non-finite loss ({f}) at the current parameters."
+                f"The closure returned a non-finite loss ({f}) at the current parameters; "
+                f"parameters and optimizer state are unchanged. {_LIKELY_CAUSES}"
             )
         f = math.inf
     elif require_finite:
         for i, g in enumerate(grads):
             if not bool(torch.isfinite(g).all()):
                 raise NonFiniteError(
-                    f"Non-finite gradient (NaN/inf) for parameter {i} at the current parameters."
+                    f"Non-finite gradient (NaN/inf) for parameter {i} at the current parameters; "
+                    f"parameters and optimizer state are unchanged. {_LIKELY_CAUSES}"
                 )
     return Evaluation(loss.detach(), f, grads, graph_grads, outputs, graph_loss)

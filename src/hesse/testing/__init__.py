@@ -4,7 +4,13 @@ from .checks import check_operator, dense_ggn, dense_hessian
 
 __all__ = ["check_operator", "dense_ggn", "dense_hessian"]
 
-from .optim import QuadraticModule, check_optimizer, make_mlp_problem  # noqa: E402
+from .optim import (  # noqa: E402
+    QuadraticModule,
+    check_optimizer,
+    make_least_squares_problem,
+    make_mlp_problem,
+    poison,
+)
 from .problems import (  # noqa: E402
     MinimizeResult,
     Problem,
@@ -22,8 +28,10 @@ __all__ += [
     "check_optimizer",
     "get_problem",
     "himmelblau",
+    "make_least_squares_problem",
     "make_mlp_problem",
     "mgh_problems",
     "minimize",
+    "poison",
     "rosenbrock",
 ]

@@ -46,16 +46,6 @@ __all__ = [
 FAULTS = ("loss", "grad", "curvature")
 
 
-class _NaNGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
-        return torch.full_like(g, math.nan)
-
-
 class _ZeroWithNaNGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
@@ -82,7 +72,7 @@ def poison(z: Tensor, fault: str | None) -> Tensor:
     """Identity on ``z`` whose gradient (``fault="grad"``) or second derivative
     (``"curvature"``) is NaN; ``None`` and ``"loss"`` return ``z`` itself."""
     if fault == "grad":
-        return _NaNGrad.apply(z)
+        return z + _ZeroWithNaNGrad.apply(z)
     if fault == "curvature":
         return _NaNCurvature.apply(z)
     return z
