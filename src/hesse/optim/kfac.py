@@ -458,7 +458,8 @@ class KFAC(Optimizer):
         ``step`` overwrites ``p.grad`` with the preconditioned direction ``d``.
 
     Args:
-        model: the network (all its trainable parameters are optimised).
+        params: the parameters to optimise, or the model itself (all its trainable ones).
+        model: the network (keyword; may be omitted when ``params`` is the model).
         loss_fn: the likelihood loss (see :class:`KFACPreconditioner`).
         lr: learning rate ``> 0``.
         momentum: heavy-ball momentum in ``[0, 1)``.

@@ -44,7 +44,9 @@ class NaturalGradient(Optimizer):
     ``loss_fn`` object given here on the model's output.
 
     Args:
-        model: the network (all trainable parameters are optimised).
+        params: the parameters to optimise (a subset of ``model``'s), or the model itself
+            as shorthand for all its trainable parameters.
+        model: the network (keyword; may be omitted when ``params`` is the model).
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
         lr: step size ``> 0`` (1 is the damped natural-gradient / Gauss-Newton step).
         damping: Tikhonov damping ``> 0``.
@@ -63,7 +65,9 @@ class NaturalGradient(Optimizer):
         >>> model = nn.Linear(3, 1).double()
         >>> X = torch.randn(20, 3, dtype=torch.float64)
         >>> y = X @ torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
-        >>> opt = NaturalGradient(model, nn.MSELoss(), lr=1.0, damping=1e-12, tol=1e-12)
+        >>> opt = NaturalGradient(
+        ...     model.parameters(), nn.MSELoss(), lr=1.0, damping=1e-12, tol=1e-12, model=model
+        ... )
         >>> def closure():
         ...     opt.zero_grad()
         ...     loss = opt.loss_fn(model(X), y)
