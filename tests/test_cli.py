@@ -136,6 +136,42 @@ def test_interrupt_keeps_finished_stages_and_the_same_command_continues(
             assert done[key][k] == (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v)
 
 
+def test_ctrl_c_inside_a_solver_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    import hesse.report._analyze as ra
+
+    real = ra.spectral_density
+    seen = {}
+
+    class Interrupting(hesse.LinearOperator):
+        def __init__(self, op):
+            super().__init__(op.shape, op.dtype, op.device, symmetric=True)
+            self.op, self.calls = op, 0
+
+        def _matmat(self, V):
+            self.calls += 1
+            if self.calls > 4:
+                raise KeyboardInterrupt
+            return self.op.matmat(V)
+
+    def interrupted(op, **kw):
+        seen["checkpoint"] = Path(kw["checkpoint"])
+        return real(Interrupting(op), **{**kw, "checkpoint_every": 1})
+
+    out = tmp_path / "rep"
+    monkeypatch.setattr(ra, "spectral_density", interrupted)
+    assert _analyze(out, "--no-plots") == 130
+    assert "run the same command again" in capsys.readouterr().err
+    assert seen["checkpoint"].is_file()  # the solver's own state, mid-run
+    monkeypatch.setattr(ra, "spectral_density", real)
+    assert _analyze(out, "--no-plots") == 0
+    done = json.loads((out / "report.json").read_text())
+    ref_out = tmp_path / "ref"
+    assert _analyze(ref_out, "--no-plots") == 0
+    ref = json.loads((ref_out / "report.json").read_text())
+    assert done["complete"] and done["spectrum"]["density"] == ref["spectrum"]["density"]
+    assert done["trace"]["slq"] == pytest.approx(ref["trace"]["slq"], rel=1e-4)
+
+
 def test_a_crash_in_a_later_stage_keeps_the_earlier_ones(tmp_path, monkeypatch):
     import hesse.report._analyze as ra
 
@@ -212,6 +248,9 @@ def test_track_writes_history_and_plot(tmp_path, capsys):
     hist = hesse.load_report(out / "sharpness.json")
     assert len(hist.history) == 2 and hist.history[0].lambda_max > 0
     assert (out / "sharpness.png").stat().st_size > 0
+    (out / "sharpness.png").unlink()
+    assert main(["plot", str(out / "sharpness.json")]) == 0
+    assert (out / "sharpness.png").stat().st_size > 0
     bad = ["track", "--model", f"{FIX}:model", "--data", f"{FIX}:data", "--out", str(out)]
     assert main([*bad, "--optimizer", "Nope"]) == 2
     assert main([*bad, "--optimizer-args", "momentum"]) == 2
@@ -258,3 +297,24 @@ def test_per_layer_plot_stays_readable_with_many_blocks():
     assert "top 20 of 500" in fig._suptitle.get_text()
     one = plot_layer_curvature({"w": 1.0})
     assert [t.get_text() for t in one.axes[0].get_yticklabels()] == ["w"]
+
+
+def test_compression_report_round_trips(tmp_path):
+    from hesse.compress import CompressionReport
+
+    rep = CompressionReport(
+        name="x",
+        dense={"loss": 0.1, "accuracy": 0.9},
+        pruning=[{"method": "obs", "sparsity": 0.5, "loss": 0.2, "accuracy": 0.85}],
+        quantization=[
+            {"method": "rtn", "bits": 2, "loss": 0.3, "accuracy": 0.8, "layer_error": {"a": 1.0}}
+        ],
+    )
+    rep.save(tmp_path, plot=False)
+    back = hesse.load_report(tmp_path / "compress.json")
+    assert isinstance(back, CompressionReport) and back.to_dict() == rep.to_dict()
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "compress.png").stat().st_size > 0
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a hesse report"):
+        hesse.load_report(tmp_path / "x.json")

@@ -301,3 +301,23 @@ def test_ggn_density_makes_no_statement_about_negative_eigenvalues():
 
 def gen0():
     return torch.Generator().manual_seed(0)
+
+
+def test_hessian_only_verdicts_are_refused_for_the_ggn_and_fisher():
+    model, loss_fn, data = CASES[0].build()
+    H = hesse.HessianOperator(model, loss_fn, data)
+    grad = H.gradient()
+    for op in (hesse.GGNOperator(model, loss_fn, data), hesse.FisherOperator(model, loss_fn, data)):
+        assert op.psd
+        for call in (classify_critical_point, stopping_rule):
+            with pytest.raises(ValueError, match="needs the Hessian") as info:
+                call(op, gradient=grad)
+            assert type(op).__name__ in str(info.value) and "HessianOperator" in str(info.value)
+        block = next(iter(op.layer_blocks().values()))
+        with pytest.raises(ValueError, match="needs the Hessian"):
+            classify_critical_point(block, gradient=torch.zeros(block.shape[0], dtype=f64))
+        assert op.num_matvecs == 0  # refused before any product
+    # the Hessian itself, and a user's own declared-PSD matrix, are still classified
+    assert classify_critical_point(H, grad_tol=1e3).kind in ("minimum", "saddle", "degenerate")
+    D = hesse.DenseOperator(torch.diag(t(1.0, 2.0)), psd=True)
+    assert classify_critical_point(D, gradient=t(0.0, 0.0)).kind == "minimum"

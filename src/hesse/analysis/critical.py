@@ -163,6 +163,7 @@ def classify_critical_point(
     eig_tol = check_nonnegative(eig_tol, "eig_tol")
     if isinstance(f, (LinearOperator, Tensor)):
         A = aslinearoperator(f)
+        _require_hessian(A, "classify_critical_point")
         if gradient is None:
             if not isinstance(A, CurvatureOperator) and not hasattr(A, "gradient"):
                 raise TypeError(

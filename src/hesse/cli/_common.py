@@ -123,10 +123,10 @@ def add_model_options(p: argparse.ArgumentParser, *, test_data: bool = False) ->
     )
     g.add_argument(
         "--loss",
-        default="ce",
         metavar="{ce,mse,bce} or MODULE:FACTORY",
         help="ce = cross-entropy, mse, bce (with logits; class labels of a workload become "
-        "one-hot targets), or a callable returning a loss module",
+        "one-hot targets), or a callable returning a loss module (default: the workload's "
+        "own loss; ce with --model)",
     )
     g.add_argument(
         "--reduction",
@@ -194,8 +194,11 @@ def load_factory(spec: str, what: str) -> Any:
 
 
 def make_loss(args: argparse.Namespace) -> Any:
+    """The loss ``--loss`` names (``None``: cross-entropy)."""
     from torch import nn
 
+    if args.loss is None:
+        return nn.CrossEntropyLoss(reduction=args.reduction)
     losses = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
     if ":" in args.loss:
         return load_factory(args.loss, "loss")
@@ -223,7 +226,7 @@ def check_model_args(args: argparse.Namespace) -> None:
             raise UsageError(
                 "--model needs --data MODULE:FACTORY (returning (X, y) or a list of batches)."
             )
-    if ":" not in args.loss and args.loss not in LOSSES:
+    if args.loss is not None and ":" not in args.loss and args.loss not in LOSSES:
         raise UsageError(f"--loss {args.loss!r}: expected one of {list(LOSSES)} or MODULE:FACTORY.")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint!r}: no such file.")
@@ -274,6 +277,18 @@ def _place(data: Any, dtype: Any, device: Any) -> Any:
     return _OnDevice(data, cast)
 
 
+def _with_reduction(loss_fn: Any, reduction: str, name: str) -> Any:
+    import copy
+
+    if getattr(loss_fn, "reduction", reduction) == reduction:
+        return loss_fn
+    if not hasattr(loss_fn, "reduction"):
+        raise UsageError(f"--reduction {reduction}: the {name} workload's loss has no reduction.")
+    loss_fn = copy.copy(loss_fn)
+    loss_fn.reduction = reduction
+    return loss_fn
+
+
 def _one_hot(data: Any) -> Any:
     import torch
 
@@ -289,7 +304,7 @@ def load_model_and_data(args: argparse.Namespace, device: Any, **workload_kwargs
     from torch import nn
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    loss_fn = make_loss(args)
+    loss_fn = make_loss(args) if args.loss is not None or args.model is not None else None
     if args.model is None:
         from ..data import workload
 
@@ -299,6 +314,8 @@ def load_model_and_data(args: argparse.Namespace, device: Any, **workload_kwargs
         except (TypeError, ValueError) as e:
             raise UsageError(f"--workload {name}: {e}") from e
         model, train, test, label = w.model, w.train, w.test, w.name
+        if loss_fn is None:
+            loss_fn = _with_reduction(w.loss_fn, args.reduction, name)
         if args.loss in ("mse", "bce"):  # regression losses on class labels: one-hot targets
             train, test = _one_hot(train), _one_hot(test)
         meta: dict[str, Any] = {"name": label, "workload": name}

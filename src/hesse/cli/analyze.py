@@ -22,7 +22,7 @@ from ._common import (
 
 __all__ = ["add_parser"]
 
-from ..report._analyze import CURVATURES
+from ..report._analyze import CURVATURES, STAGES
 
 FILES = (
     "report.json",
@@ -106,11 +106,11 @@ def _run(args: argparse.Namespace) -> int:
     check_model_args(args)
     _check(args)
     out = OutputDir(args.out, FILES, overwrite=args.overwrite)
-    resumable = (out.work / "meta.pt").is_file()
+    resumable = (out.work / "meta.json").is_file()
     if args.resume and not resumable:
         raise UsageError(f"--resume: no interrupted run in {args.out!r} to continue.")
     if resumable:
-        done = sorted(p.stem for p in out.work.glob("*.pt") if "." not in p.stem)
+        done = sorted(p.stem for p in out.work.glob("*.json") if p.stem in STAGES)
         print(
             f"hesse analyze: continuing the run saved in {out.work} ({', '.join(done)})",
             file=sys.stderr,
@@ -138,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
                 meta=loaded.meta,
                 checkpoint_dir=out.work,
             )
-    except BaseException:
+    except BaseException as e:
         partial = AnalysisReport.from_checkpoint(out.work) if out.work.is_dir() else None
         if partial is not None and partial.data["stages"]:
             files = out.write(lambda d: partial.save(d, plots=not args.no_plots))
@@ -149,6 +149,12 @@ def _run(args: argparse.Namespace) -> int:
                 "run the same command again to continue.",
                 file=sys.stderr,
             )
+        if isinstance(e, KeyboardInterrupt) and out.work.is_dir():
+            # the solvers' hint names their checkpoint= argument: say it in CLI terms
+            raise KeyboardInterrupt(
+                f"The work done so far is saved in {out.work}; run the same command again "
+                "(or add --resume) to continue."
+            ) from None
         raise
     files = out.write(lambda d: report.save(d, plots=not args.no_plots))
     shutil.rmtree(out.work, ignore_errors=True)

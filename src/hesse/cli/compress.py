@@ -142,6 +142,11 @@ def _run(args: argparse.Namespace) -> int:
 
     device = setup_runtime(args)
     check_model_args(args)
+    if args.train_mode:
+        raise UsageError(
+            "--train-mode is not supported by hesse compress: its curvature statistics and "
+            "accuracy are measured in eval mode (hesse.compress has no train-mode option yet)."
+        )
     kw = _settings(args)
     widths = kw.pop("widths")
     out = OutputDir(args.out, FILES, overwrite=args.overwrite)

@@ -5,11 +5,7 @@ from ._hvp import GradGraph, hvp
 from ._loss import (
     LossAt,
     OutputLoss,
-    loss_kind,
-    output_grad_unreduced,
     output_loss,
-    reduction_scale,
-    sample_targets,
 )
 from ._ravel import ravel, ravel_block, unravel, unravel_block
 
@@ -20,13 +16,9 @@ __all__ = [
     "OutputLoss",
     "ggn_vp",
     "hvp",
-    "loss_kind",
-    "output_grad_unreduced",
     "output_loss",
     "ravel",
     "ravel_block",
-    "reduction_scale",
-    "sample_targets",
     "unravel",
     "unravel_block",
 ]

@@ -34,15 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = [
-    "OutputLoss",
-    "LossAt",
-    "output_loss",
-    "loss_kind",
-    "reduction_scale",
-    "sample_targets",
-    "output_grad_unreduced",
-]
+__all__ = ["OutputLoss", "LossAt", "output_loss"]
 
 _KINDS = ("mse", "ce", "bce")
 
@@ -428,59 +420,3 @@ def output_loss(
         raise ValueError("class_dim and shift apply to CrossEntropyLoss only.")
     return OutputLoss(kind, red)
 
-
-# -- per-kind helpers used by K-FAC and the optimizers (to be replaced by LossAt) -------------
-
-
-def loss_kind(loss_fn: Any) -> str:
-    """``"mse" | "ce" | "bce"`` for the supported likelihood losses; raise otherwise."""
-    return output_loss(loss_fn).kind
-
-
-def reduction_scale(kind: str, reduction: str, outputs: Tensor) -> float:
-    """Ratio of the reduced batch loss to the sum of its unreduced per-sample losses."""
-    if reduction == "sum":
-        return 1.0
-    if kind == "ce":
-        return 1.0 / outputs.shape[0]
-    return 1.0 / outputs.numel()
-
-
-def _check_ce(outputs: Tensor) -> None:
-    if outputs.ndim != 2:
-        raise NotImplementedError(
-            f"Fisher for CrossEntropyLoss expects outputs (B, C); got {tuple(outputs.shape)}."
-        )
-
-
-def sample_targets(
-    kind: str, outputs: Tensor, num_samples: int, generator: torch.Generator | None
-) -> Tensor:
-    """Draw ``num_samples`` targets per sample from the model distribution ``p(y | f)``."""
-    f = outputs.detach()
-    if kind == "mse":
-        noise = torch.randn(
-            (num_samples, *f.shape), dtype=f.dtype, device=f.device, generator=generator
-        )
-        return f + noise * (0.5**0.5)
-    if kind == "bce":
-        u = torch.rand((num_samples, *f.shape), dtype=f.dtype, device=f.device, generator=generator)
-        return (u < torch.sigmoid(f)).to(f.dtype)
-    _check_ce(f)
-    p = torch.softmax(f, dim=1)
-    idx = torch.multinomial(p, num_samples, replacement=True, generator=generator)  # (B, S)
-    return idx.T.contiguous()  # (S, B)
-
-
-def output_grad_unreduced(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
-    """``r = d loss_n / d f`` of the per-sample (sum-reduced) loss, shape of ``outputs``."""
-    f = outputs.detach()
-    if kind == "mse":
-        return 2.0 * (f - targets.to(f.dtype).reshape(f.shape))
-    if kind == "bce":
-        return torch.sigmoid(f) - targets.to(f.dtype).reshape(f.shape)
-    _check_ce(f)
-    p = torch.softmax(f, dim=1)
-    if targets.dtype.is_floating_point:  # class probabilities
-        return p - targets.to(f.dtype)
-    return p - torch.nn.functional.one_hot(targets.long(), f.shape[1]).to(f.dtype)

@@ -15,6 +15,7 @@ incomplete) after a Ctrl-C or a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,17 +30,18 @@ from torch import nn
 
 from .. import __version__
 from .._checks import check_int, check_positive
+from .._serialize import from_jsonable, load_json, register, save_json, to_jsonable
 from ..analysis.critical import (
+    LRBound,
     classify_critical_point,
     layer_max_stable_lr,
     spectrum_summary,
     stopping_rule,
     taylor_check,
 )
-from ..analysis.landscape import loss_slice
+from ..analysis.landscape import LossSlice, loss_slice
 from ..linalg import spectral_density, top_eigenpairs, trace
 from ..operators.factory import CURVATURES, curvature_operator
-from ._serialize import pack, unpack
 
 __all__ = [
     "CURVATURES",
@@ -52,6 +54,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = "hesse.analyze/1"
+register(LossSlice)  # saved with the report (hesse._serialize builds registered classes only)
 STAGES = ("top_eigenpairs", "lambda_min", "spectral_density", "trace", "per_layer", "loss_slice")
 # statements only the Hessian supports (the GGN and Fisher are PSD by construction)
 HESSIAN_ONLY = ("critical_point", "negative_fraction", "stopping_rule")
@@ -91,12 +94,9 @@ class AnalysisReport:
         return self.data[key]
 
     def to_dict(self) -> dict[str, Any]:
-        """The report with its results (eigenvectors left out) as JSON-safe data."""
-        results = {
-            k: pack(v, drop=("eigenvectors", "direction", "escape_direction"))
-            for k, v in self.results.items()
-        }
-        return {**self.data, "results": results}
+        """The report with its results as JSON-safe data (eigenvectors and slice directions
+        left out to keep the file small)."""
+        return {**self.data, "results": to_jsonable(_light(self.results))}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnalysisReport:
@@ -106,7 +106,7 @@ class AnalysisReport:
                 f"expected {SCHEMA_VERSION!r}."
             )
         data = {k: v for k, v in d.items() if k != "results"}
-        return cls(data, unpack(d.get("results", {})))
+        return cls(data, from_jsonable(d.get("results", {})))
 
     def save(self, out: str | Path, *, plots: bool = True) -> list[Path]:
         """Write ``report.json``, ``report.md`` and (``plots``) the PNGs into folder ``out``."""
@@ -150,11 +150,11 @@ class AnalysisReport:
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> AnalysisReport | None:
         """The report of the stages saved in ``checkpoint_dir`` (``None`` if none started)."""
         d = Path(checkpoint_dir)
-        meta = _load(d / "meta.pt")
+        meta = _load(d / "meta.json")
         if meta is None:
             return None
-        done = {s: r for s in STAGES if (r := _load(d / f"{s}.pt")) is not None}
-        return _assemble(meta["info"], {s: unpack(r["result"]) for s, r in done.items()})
+        done = {s: r for s in STAGES if (r := _load(d / f"{s}.json")) is not None}
+        return _assemble(meta["info"], {s: r["result"] for s, r in done.items()})
 
 
 def load_report(path: str | Path) -> Any:
@@ -213,12 +213,7 @@ class TrackerHistory:
         from ..analysis.tracker import SharpnessRecord
 
         names = {f.name for f in dataclasses.fields(SharpnessRecord)}
-        recs = [
-            SharpnessRecord(
-                **{k: (math.nan if v is None else v) for k, v in r.items() if k in names}
-            )
-            for r in d["history"]
-        ]
+        recs = [SharpnessRecord(**{k: v for k, v in r.items() if k in names}) for r in d["history"]]
         return cls(
             recs,
             d["every"],
@@ -246,22 +241,31 @@ class TrackerHistory:
 # -- checkpointed stages ----------------------------------------------------------------------
 
 
+def _light(results: dict[str, Any]) -> dict[str, Any]:
+    """The results without their (n,)-sized vectors."""
+    out = dict(results)
+    for k in ("top_eigenpairs", "lambda_min"):
+        if out.get(k) is not None:
+            out[k] = dataclasses.replace(out[k], eigenvectors=None)
+    if out.get("loss_slice") is not None:
+        out["loss_slice"] = {
+            **out["loss_slice"],
+            "slice": dataclasses.replace(out["loss_slice"]["slice"], direction=None),
+        }
+    return out
+
+
 def _load(path: Path) -> Any:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise ValueError(
-            f"Cannot read the saved analysis stage {path} ({type(e).__name__}: {e}); "
-            f"delete {path.parent} to start over."
-        ) from e
+        return load_json(path)
+    except ValueError as e:
+        raise ValueError(f"{e} Delete {path.parent} to start the analysis over.") from e
 
 
 def _save(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    save_json(path, obj)
 
 
 def _fingerprint(op: Any, loss: float, settings: dict) -> str:
@@ -366,35 +370,33 @@ def analyze(
     if ck is not None:
         ck.mkdir(parents=True, exist_ok=True)
         key = _fingerprint(op, float(loss), settings)
-        old = _load(ck / "meta.pt")
+        old = _load(ck / "meta.json")
         if old is not None and old.get("key") != key:  # another model or other settings
             for f in ck.iterdir():
                 f.unlink()
-        _save(ck / "meta.pt", {"key": key, "info": pack(info, json=False)})
+        _save(ck / "meta.json", {"key": key, "info": info})
 
     results: dict[str, Any] = {}
 
     def run(name: str, fn: Callable[[str | None], Any]) -> Any:
         """Run stage ``name`` (or load it); the generator state is saved with each result."""
-        if ck is not None and (saved := _load(ck / f"{name}.pt")) is not None:
+        if ck is not None and (saved := _load(ck / f"{name}.json")) is not None:
             gen.set_state(saved["generator"])
-            results[name] = unpack(saved["result"])
+            results[name] = saved["result"]
             timings[name] = 0.0
             return results[name]
         if ck is not None:
-            start = _load(ck / f"{name}.start.pt")
+            start = _load(ck / f"{name}.start.json")
             if start is not None:  # the stage was interrupted: replay its random start
                 gen.set_state(start)
             else:
-                _save(ck / f"{name}.start.pt", gen.get_state())
+                _save(ck / f"{name}.start.json", gen.get_state())
         t = time.perf_counter()
         res = fn(None if ck is None else str(ck / f"{name}.solver.pt"))
         timings[name] = time.perf_counter() - t
         results[name] = res
         if ck is not None:
-            _save(
-                ck / f"{name}.pt", {"generator": gen.get_state(), "result": pack(res, json=False)}
-            )
+            _save(ck / f"{name}.json", {"generator": gen.get_state(), "result": res})
         return res
 
     top = run(
@@ -428,25 +430,11 @@ def analyze(
     if per_layer:
         run("per_layer", lambda c: _per_layer(op, gen))
     run("loss_slice", lambda c: _slice(model, loss_fn, data, top, float(loss), params, train_mode))
-    # cheap: composes the results above, no new eigen-solves
-    results["critical"] = classify_critical_point(
-        op,
-        gradient=grad,
-        grad_tol=grad_tol,
-        eig_tol=eig_tol,
-        extremes=(top, low),
-        density=density,
-        generator=gen,
-    )
-    results["stopping_rule"] = stopping_rule(
-        op,
-        gradient=grad,
-        grad_tol=grad_tol,
-        eig_tol=eig_tol,
-        extremes=(top, low),
-        density=density,
-        generator=gen,
-    )
+    if not op.psd:  # the critical-point kind and the stopping rule need the Hessian
+        # cheap: composes the results above, no new eigen-solves
+        kw = dict(gradient=grad, grad_tol=grad_tol, eig_tol=eig_tol, extremes=(top, low))
+        results["critical"] = classify_critical_point(op, density=density, generator=gen, **kw)
+        results["stopping_rule"] = stopping_rule(op, density=density, generator=gen, **kw)
     results["summary"] = spectrum_summary(density, None, null_tol=eig_tol)
     timings["total"] = time.perf_counter() - t_all
     return _assemble(info, results, timings=timings)
@@ -486,10 +474,9 @@ def _slice(model, loss_fn, data, top, loss, params, train_mode) -> dict[str, Any
 
 def _assemble(info: dict, results: dict, *, timings: dict | None = None) -> AnalysisReport:
     """The report's plain data from whatever stages are in ``results``."""
-    info = unpack(info)
     model = {k: v for k, v in info.items() if k not in ("settings", "loss", "gradient_norm")}
     s = info["settings"]
-    hessian = model["curvature"] == "hessian"
+    hessian = not model.get("psd", model["curvature"] != "hessian")
     d: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "hesse_version": __version__,
@@ -520,11 +507,11 @@ def _assemble(info: dict, results: dict, *, timings: dict | None = None) -> Anal
                 lambda_min_converged=bool(low.converged),
                 lambda_min_hvps=low.num_matvecs,
             )
-        lam = float(top.eigenvalues[0])
-        limit = 2.0 / lam if lam > 0 else math.inf
+        bound = LRBound.from_eigen(top)  # 2 / (Ritz value + its error bound): conservative
         d["learning_rate"] = {
-            "max_stable_lr": _f(limit),
-            "recommended_lr": _f(0.5 * limit),
+            "max_stable_lr": _f(bound.value),
+            "recommended_lr": _f(bound.recommended()),
+            "lambda_max_upper": bound.lambda_max_upper,
             "per_layer": results.get("per_layer", {}),
         }
     cp, rule = results.get("critical"), results.get("stopping_rule")

@@ -55,11 +55,12 @@ GLOSSARY: dict[str, tuple[str, str]] = {
     ),
     "max stable lr": (
         "largest learning rate at which gradient descent does not diverge",
-        "eta < 2 / lambda_max (GD scales the error along eigenvector i by 1 - eta lambda_i)",
+        "eta < 2 / lambda_max (GD scales the error along eigenvector i by 1 - eta lambda_i); "
+        "computed with the upper bound Ritz value + residual norm, so never too large",
     ),
     "recommended lr": (
         "a learning rate with a safety margin below that limit",
-        "0.5 * 2 / lambda_max = 1 / lambda_max",
+        "0.5 * max stable lr",
     ),
     "layer": (
         "the same for a step that moves only this layer (sharpest first)",
@@ -198,12 +199,13 @@ def rows(report: dict) -> list[tuple[str, str, str]]:
         out += [
             (
                 "max stable lr",
-                f"{_g(lr['max_stable_lr'])}  (2 / lambda_max)",
+                f"{_g(lr['max_stable_lr'])}  (2 / lambda_max, with lambda_max <= "
+                f"{_g(lr.get('lambda_max_upper'), 6)} certified)",
                 GLOSSARY["max stable lr"][0],
             ),
             (
                 "recommended lr",
-                f"{_g(lr['recommended_lr'])}  (1 / lambda_max)",
+                f"{_g(lr['recommended_lr'])}  (half the limit)",
                 GLOSSARY["recommended lr"][0],
             ),
         ]
