@@ -7,7 +7,9 @@ flush-denormal on. Prints the median over interleaved repeats of
 * hesse HessianOperator products: rev-rev on the cached graph (default), rev-rev without the
   cache, fwd-rev (torch.func), each for a block of k = 1, 4, 16 vectors (time per vector),
 * the GGN product,
-* a plain-autograd baseline: ``grad(create_graph) + grad(g, v)`` per vector (what PyHessian does).
+* a plain-autograd baseline: ``grad(create_graph) + grad(g, v)`` per vector (what PyHessian does),
+* plain cached-graph torch: ``grad(g, v, retain_graph=True)`` through one cached
+  ``create_graph`` gradient per vector (the floor hesse's cached products must match).
 
 Usage::
 
@@ -68,6 +70,16 @@ def main() -> None:
             vs = hesse.func.unravel(V[:, j], dict(model.named_parameters()))
             torch.autograd.grad(g, params, list(vs.values()))
 
+    g_cached = torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)
+    sizes = [p.numel() for p in params]
+
+    def plain_cached(V):
+        """The bare loop hesse must match: backward through one cached create_graph gradient."""
+        for j in range(V.shape[1]):
+            vs = [t.view_as(p) for t, p in zip(V[:, j].split(sizes), params)]
+            out = torch.autograd.grad(g_cached, params, vs, retain_graph=True)
+            torch.cat([o.reshape(-1) for o in out])
+
     cases = {"gradient": (gradient, 1)}
     for k, V in blocks.items():
         cases[f"hesse rev-rev cached, k={k}"] = (lambda V=V: H @ V, k)
@@ -75,6 +87,8 @@ def main() -> None:
         cases[f"hesse fwd-rev, k={k}"] = (lambda V=V: H_fwd @ V, k)
         cases[f"hesse GGN cached, k={k}"] = (lambda V=V: G @ V, k)
     cases["plain autograd grad+grad, k=1"] = (lambda: plain_hvp(blocks[1]), 1)
+    for k in (1, 16):
+        cases[f"plain cached-graph torch, k={k}"] = (lambda V=blocks[k]: plain_cached(V), k)
 
     for fn, _ in cases.values():  # warm up (and build the caches once, outside the timing)
         fn()

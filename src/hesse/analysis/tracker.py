@@ -34,7 +34,7 @@ from .._checks import check_choice, check_int, check_positive, warn_once
 from ..func import GradGraph
 from ..operators.base import LinearOperator
 from ..operators.curvature import HessianOperator
-from .sharpness import curvature_operator
+from ..operators.factory import CURVATURES, curvature_operator
 
 __all__ = [
     "EdgeOfStabilityWarning",
@@ -207,7 +207,9 @@ class SharpnessTracker:
         optimizer: the training optimizer (for ``lr`` and the preconditioned sharpness).
         preconditioned: ``"auto"`` (when ``optimizer`` is adaptive), ``True``, ``False``, or a
             callable ``() -> (P_diag, lr, threshold_factor)``.
-        curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        curvature: a name of :func:`hesse.curvature_operator` (``"hessian"``, default;
+            ``"ggn"``, ``"fisher_exact"``, ``"fisher_mc"``, ``"fisher_empirical"``);
+            ``"fisher"`` means ``"fisher_exact"``.
         tol: relative eigenvalue tolerance of each check (default ``1e-3``).
         num_matvecs: product budget per eigenvalue run (default that of
             :func:`hesse.top_eigenpairs`).
@@ -263,9 +265,11 @@ class SharpnessTracker:
         self.num_matvecs_budget = (
             None if num_matvecs is None else check_int(num_matvecs, "num_matvecs")
         )
-        self.curvature = check_choice(curvature, "curvature", ("hessian", "ggn", "fisher"))
+        if curvature == "fisher":  # the exact Fisher, as before the factory existed
+            curvature = "fisher_exact"
+        self.curvature = check_choice(curvature, "curvature", CURVATURES)
         self.operator = curvature_operator(
-            model, loss_fn, data, self.curvature, params=params, **operator_kwargs
+            self.curvature, model, loss_fn, data, params=params, **operator_kwargs
         )
         self.model, self.loss_fn = model, loss_fn
         self.lr, self.optimizer = lr, optimizer
