@@ -297,6 +297,13 @@ def verdicts(report: dict) -> list[str]:
             f"Plain gradient descent diverges here for a learning rate above "
             f"{lr['max_stable_lr']:.3g}; {lr['recommended_lr']:.3g} keeps a safety margin "
             "(adaptive optimizers such as Adam have their own limit)."
+            + (
+                ""
+                if m["curvature"] == "hessian"
+                else f" Computed from the {m['curvature'].upper()}'s lambda_max, which "
+                "approximates"
+                " the Hessian's."
+            )
         )
     s = report.get("spectrum")
     if s is not None and s["near_null_fraction"] > 0.2:

@@ -51,7 +51,13 @@ def compare_reports(a: Any, b: Any) -> list[dict[str, Any]]:
             continue
         change = y - x if x is not None and y is not None else None
         ratio = y / x if change is not None and x != 0 else None
-        rows.append({"quantity": label, "a": x, "b": y, "change": change, "ratio": ratio})
+        row = {"quantity": label, "a": x, "b": y, "change": change, "ratio": ratio}
+        if label == "condition number":  # '> X' when only a lower bound is known
+            flag = ("spectrum", "condition_number_is_lower_bound")
+            row["a_lower_bound"], row["b_lower_bound"] = bool(_get(da, flag)), bool(_get(db, flag))
+            if row["a_lower_bound"] or row["b_lower_bound"]:
+                row["change"] = row["ratio"] = None  # differences of bounds mean nothing
+        rows.append(row)
     return rows
 
 
@@ -64,7 +70,7 @@ def comparison_markdown(a: Any, b: Any, labels: tuple[str, str] = ("A", "B")) ->
         "|---|---|---|---|---|",
     ]
     for r in compare_reports(a, b):
-        lines.append(
-            f"| {r['quantity']} | {g(r['a'])} | {g(r['b'])} | {g(r['change'])} | {g(r['ratio'])} |"
-        )
+        va = ("> " if r.get("a_lower_bound") else "") + g(r["a"])
+        vb = ("> " if r.get("b_lower_bound") else "") + g(r["b"])
+        lines.append(f"| {r['quantity']} | {va} | {vb} | {g(r['change'])} | {g(r['ratio'])} |")
     return "\n".join(lines) + "\n"
