@@ -15,6 +15,9 @@ loss each model trains with) on two dict batches of unequal size (LMs padded wit
   40 steps; its trace) on the Hessian operator, each estimate with its standard error, next
   to the exact trace.
 
+Llama's errors (~1e-8) come from HF itself: ``LlamaRMSNorm`` computes in float32 even in a
+float64 model, so every path (hesse's and the references) carries float32 rounding there.
+
 Usage::
 
     HF_HUB_OFFLINE=1 python benchmarks/hf_models.py [--models gpt2 llama bert vit resnet]

@@ -21,8 +21,13 @@ Sizes (``--size``): ``10m`` (8 blocks, d=256), ``112m`` (14 blocks, d=768, the i
 default (``--threads``): on a shared machine two OpenMP threads per process were 10x slower
 than one (spin-waiting under oversubscription).
 
+``--products``: time and exact peak tensor memory of one gradient, one HVP and one GGN-vector
+product of a GPT-style LM with vocabulary 32k on 4 x 256 tokens (``--layers 4 --d 256``
+by default), each on a fresh operator (its peak includes what it caches).
+
 Usage::
 
+    python benchmarks/scale.py --products [--layers 4 --d 256 --vocab 32000]
     python benchmarks/scale.py --size 10m [--ranks 1|2] [--tol 1e-3] [--max-hvps 40]
     python benchmarks/scale.py --size 10m --check   # also hesse.top_eigenpairs, for parity
 
@@ -227,6 +232,43 @@ def _rank_main(rank: int, world: int, store: str, args) -> None:
         dist.destroy_process_group()
 
 
+def products(args) -> dict:
+    """Time and peak tensor memory of one gradient, one HVP and one GGN-vector product for a
+    GPT-style LM with a large vocabulary (issue 14.5: GGN-vp peak <= 1.5x a gradient's).
+
+    Each product is measured on a fresh operator, so its peak includes building what it
+    caches (the double-backward graph for the HVP, the output graph for the GGN); the
+    cached product after it is timed too. Peaks are exact tensor allocations
+    (:class:`hesse.analysis.AllocationTracker`) above what was live before.
+    """
+    torch.manual_seed(0)
+    model = GPT(args.layers, args.d, args.heads, vocab=args.vocab, seq=args.seq).eval()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
+    data = (tokens[:, :-1].contiguous(), tokens[:, 1:].reshape(-1))  # logits are (B*T, V)
+    n = sum(p.numel() for p in model.parameters())
+    out = {"n": n, "vocab": args.vocab, "tokens": f"{args.batch} x {args.seq}"}
+    v = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    for name in ("gradient", "hessian", "ggn"):
+        op = hesse.curvature_operator(
+            "hessian" if name == "gradient" else name, model, nn.CrossEntropyLoss(), data
+        )
+        tracker = AllocationTracker()
+        t0 = time.thread_time()
+        with tracker:
+            op.gradient() if name == "gradient" else op @ v
+        out[f"{name}_s"] = time.thread_time() - t0
+        out[f"{name}_peak_gb"] = tracker.peak / 1e9
+        if name != "gradient":
+            t0 = time.thread_time()
+            op @ v
+            out[f"{name}_cached_s"] = time.thread_time() - t0
+        del op
+    out["ggn_peak_over_gradient"] = out["ggn_peak_gb"] / out["gradient_peak_gb"]
+    out["hvp_peak_over_gradient"] = out["hessian_peak_gb"] / out["gradient_peak_gb"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default="10m")
@@ -239,8 +281,23 @@ def main() -> None:
     ap.add_argument("--no-estimate", action="store_true")
     ap.add_argument("--estimate-only", action="store_true")
     ap.add_argument("--check", action="store_true", help="also run hesse.top_eigenpairs")
+    ap.add_argument(
+        "--products",
+        action="store_true",
+        help="time and peak memory of gradient, HVP and GGN-vp (vocab 32k, 4 x 256 tokens)",
+    )
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
     args = ap.parse_args()
     torch.set_flush_denormal(True)
+    if args.products:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(products(args)), flush=True)
+        return
     if args.ranks == 1:
         torch.set_num_threads(args.threads)
         print(json.dumps(run(args)), flush=True)

@@ -58,12 +58,14 @@ def test_hessian_ggn_fisher_products_match_references(case):
     name, model, batches, ref = case
     n = ref.theta0.numel()
     V = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=D)
+    # HF Llama runs RMSNorm in float32 even in a float64 model (rounding ~1e-8 in both paths)
+    tol = 1e-6 if name == "llama" else 1e-9
     H = hesse.HessianOperator(model, None, batches)
-    assert _rel(H @ V, ref.hessian_mm(V)) < 1e-9
+    assert _rel(H @ V, ref.hessian_mm(V)) < tol
     G_ref = ref.ggn_mm(V)
     for curvature in ("ggn", "fisher_exact"):
         op = hesse.curvature_operator(curvature, model, None, batches)
-        assert _rel(op @ V, G_ref) < 1e-9, curvature
+        assert _rel(op @ V, G_ref) < tol, curvature
     assert model.training is False
 
 

@@ -111,8 +111,10 @@ def test_preconditioned_cg_with_exact_diagonal():
     for r in (pre, pre_op, pre_fn):
         assert r.converged
         torch.testing.assert_close(r.solution, x_star, rtol=1e-6, atol=1e-9)
-    assert pre.num_iters == pre_op.num_iters == pre_fn.num_iters
-    assert pre.num_iters < 30 < plain.num_iters
+    # the same preconditioner three ways (r / d, r * (1 / d)): rounding may move a count by one
+    counts = [r.num_iters for r in (pre, pre_op, pre_fn)]
+    assert max(counts) - min(counts) <= 1
+    assert pre.num_iters < 30 < plain.num_iters, (pre.num_iters, plain.num_iters)
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.1, 3.0])
@@ -157,8 +159,12 @@ def test_block_rhs_matches_columnwise_solves():
     assert r.statuses == ("converged",) * 4
     torch.testing.assert_close(r.solution, torch.linalg.solve(A, B), rtol=1e-7, atol=1e-9)
     per_column = [cg_solve(A, B[:, j], tol=1e-10) for j in range(4)]
-    assert r.num_matvecs == sum(c.num_matvecs for c in per_column)
-    assert r.num_iters == max(c.num_iters for c in per_column)
+    # A block product rounds differently from a single one, so a column may stop an iteration
+    # or two earlier or later than alone (seen: 141 vs 139 matvecs on another CPU): the block
+    # does the work of the separate solves up to 2 iterations per column, never more columns.
+    assert abs(r.num_matvecs - sum(c.num_matvecs for c in per_column)) <= 2 * B.shape[1]
+    assert abs(r.num_iters - max(c.num_iters for c in per_column)) <= 2
+    assert r.num_matvecs <= (B.shape[1] - 1) * r.num_iters  # the zero column never multiplies
     rm = minres_solve(A, B, tol=1e-10)
     torch.testing.assert_close(rm.solution, torch.linalg.solve(A, B), rtol=1e-6, atol=1e-8)
 

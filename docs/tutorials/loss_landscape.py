@@ -81,6 +81,14 @@ for s in (s_top, s_rnd):
     )
 hesse.plot.plot_loss_slice(s_top)
 
+# %% [markdown]
+# The quadratic model holds for `|alpha|` up to about 0.5; beyond that the loss rises far
+# faster than `lambda_max alpha^2 / 2`: the cross-entropy of a confident classifier grows
+# almost linearly once predictions start to flip, so the second-order picture is a local
+# one. The random direction has the length of the weights themselves (`|d|` above), and
+# its curvature per unit length, `d^T H d / |d|^2`, is a tiny fraction of `lambda_max`:
+# most directions are nearly flat.
+
 # %%
 hesse.plot.plot_loss_slice(s_rnd)
 

@@ -419,4 +419,3 @@ def output_loss(
     if class_dim not in (None, 1) or shift:
         raise ValueError("class_dim and shift apply to CrossEntropyLoss only.")
     return OutputLoss(kind, red)
-
