@@ -115,7 +115,10 @@ def _run(args: argparse.Namespace) -> int:
             f"hesse analyze: continuing the run saved in {out.work} ({', '.join(done)})",
             file=sys.stderr,
         )
-    loaded = load_model_and_data(args, device)
+    # The LM workload's curvature sample: 16 sequences (1024 tokens) keep every stage,
+    # per-layer included (35 blocks), to a few minutes on one CPU thread.
+    sample = {"num_train": 16} if args.model is None and args.workload == "lm" else {}
+    loaded = load_model_and_data(args, device, **sample)
     params = [p.strip() for p in args.params.split(",") if p.strip()] if args.params else None
     try:
         with library_errors():

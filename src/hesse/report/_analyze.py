@@ -444,10 +444,11 @@ def _per_layer(op: Any, gen: torch.Generator) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     bounds = layer_max_stable_lr(op, generator=gen)
     blocks = op.layer_blocks()
+    budget = 40 if len(blocks) <= 10 else 20  # many blocks: half the trace products each
     for name, b in bounds.items():
         block = blocks[name]
         nb = block.shape[0]
-        t = trace(block, method="xtrace", num_matvecs=min(40, nb), generator=gen)
+        t = trace(block, method="xtrace", num_matvecs=min(budget, nb), generator=gen)
         out[name] = {
             "num_params": nb,
             "lambda_max": b.lambda_max,
