@@ -142,3 +142,27 @@ def test_untrained_workload_and_dtype():
     assert w.model.tok.weight.dtype == torch.float64
     assert w.name == "lm-transformer-d16-l2-h2-t12"
     assert w.loss("train") == pytest.approx(float(torch.log(torch.tensor(96.0))), abs=0.1)
+
+
+def test_kfac_and_shampoo_train_the_lm_with_its_own_loss():
+    """The workload's OutputLoss is a module, so K-FAC's loss hook records its statistics."""
+    from hesse.optim import KFAC, Shampoo
+
+    X, y = tiny_data(8)
+    for make in (
+        lambda m: KFAC(m.parameters(), model=m, loss_fn=lm_loss(), lr=0.5),
+        lambda m: Shampoo(m.parameters(), lr=1e-2),
+    ):
+        torch.manual_seed(0)
+        model = CausalTransformer(TINY)
+        opt = make(model)
+        loss_fn = opt.loss_fn if hasattr(opt, "loss_fn") else lm_loss()
+        losses = []
+        for _ in range(8):
+            opt.zero_grad()
+            loss = loss_fn(model(X), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        assert all(torch.isfinite(torch.tensor(losses)))
+        assert losses[-1] < losses[0] - 0.1, losses

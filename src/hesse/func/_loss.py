@@ -39,7 +39,7 @@ __all__ = ["OutputLoss", "LossAt", "output_loss"]
 _KINDS = ("mse", "ce", "bce")
 
 
-class OutputLoss:
+class OutputLoss(nn.Module):
     """A loss in output space (see the module docstring).
 
     Args:
@@ -72,6 +72,7 @@ class OutputLoss:
         class_dim: int = 1,
         shift: bool = False,
     ):
+        super().__init__()  # a module, so that hooks (K-FAC's statistics) see its calls
         if kind not in _KINDS:
             raise ValueError(f"Invalid kind={kind!r}; expected one of {_KINDS}.")
         if reduction not in ("mean", "sum"):
@@ -242,7 +243,7 @@ class OutputLoss:
         t = self._shift_targets(targets).reshape(-1)
         return F.cross_entropy(f, t, ignore_index=self.ignore_index, reduction="sum")
 
-    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The loss of one batch on its own (``sum_loss``, divided by ``count`` for mean)."""
         s = self.sum_loss(outputs, targets)
         if self.reduction == "sum":
