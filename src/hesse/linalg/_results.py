@@ -259,9 +259,10 @@ class TraceResult(Serializable):
 
     Attributes:
         estimate: 0-d tensor, the estimate of :math:`\operatorname{tr}(A)`.
-        stderr: 0-d tensor, its standard error (standard deviation of the per-probe
-            estimates over the square root of their number; ``0`` when exact, ``nan`` with a
-            single probe).
+        stderr: 0-d tensor, its standard error: the standard deviation of the per-probe
+            estimates over the square root of their number (for XTrace plus the jackknife
+            variance of its low-rank parts, see :func:`hesse.xtrace`); ``0`` when exact,
+            ``nan`` with a single probe.
         num_matvecs: products with ``A`` used (columns of all blocks).
         method: ``"hutchinson"``, ``"hutchpp"``, ``"xtrace"`` or ``"exact"``.
         samples: the per-probe estimates whose mean is ``estimate`` (for Hutch++ the exact
