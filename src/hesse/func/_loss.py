@@ -287,7 +287,10 @@ class LossAt:
         return R if self.mask is None else R.mul_(self.mask.unsqueeze(-1).to(R.dtype))
 
     def hessian_mp(self, W: Tensor) -> Tensor:
-        """``H_out W`` for ``W`` of shape ``(k, *outputs.shape)`` (closed form, per row; a new tensor)."""
+        """``H_out W`` for ``W`` of shape ``(k, *outputs.shape)`` (closed form, per row).
+
+        Returns a new tensor (callers may scale it in place).
+        """
         kind = self.loss.kind
         if kind == "mse":
             return 2.0 * W
