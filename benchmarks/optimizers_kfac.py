@@ -26,7 +26,7 @@ Protocol per task:
 
 Usage::
 
-    python benchmarks/optimizers_kfac.py                # all three tasks, ~15 min CPU
+    python benchmarks/optimizers_kfac.py                # all three tasks, ~11 min CPU
     python benchmarks/optimizers_kfac.py --tasks autoencoder --kfac damping=1e-2
     python benchmarks/optimizers_kfac.py --quick        # tiny smoke run (seconds)
     python benchmarks/optimizers_kfac.py --factor-error # K-FAC vs exact GGN blocks

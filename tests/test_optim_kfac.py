@@ -376,9 +376,10 @@ def test_kfac_on_linear_least_squares_reaches_the_minimum():
     model = nn.Linear(3, 1).to(DT)
     X = torch.randn(40, 3, generator=g, dtype=DT)
     y = X @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=DT) + 0.3
+    loss_fn = nn.MSELoss()
     opt = KFAC(
         model,
-        nn.MSELoss(),
+        loss_fn,
         lr=1.0,
         momentum=0.0,
         damping=1e-10,
@@ -386,7 +387,7 @@ def test_kfac_on_linear_least_squares_reaches_the_minimum():
         fisher="exact",
         factor_decay=0.0,
     )
-    _run(opt, model, nn.MSELoss(), X, y, 2)
+    _run(opt, model, loss_fn, X, y, 2)
     assert torch.allclose(model.weight, torch.tensor([[1.0, -2.0, 0.5]], dtype=DT), atol=1e-7)
     assert float(model.bias.detach()) == pytest.approx(0.3, abs=1e-7)
 
@@ -399,13 +400,13 @@ def _least_squares(seed=14):
     return model, X, y
 
 
-@pytest.mark.parametrize("lr, direction", [(1.0, "down"), (3.0, "up")])
-def test_adaptive_damping_levenberg_marquardt_direction(lr, direction):
+@pytest.mark.parametrize("lr, direction", [(1.0, "down"), (3.0, "none")])
+def test_adaptive_damping_levenberg_marquardt_on_a_quadratic(lr, direction):
     # one Linear layer + MSE with the exact Fisher: the loss is quadratic and K-FAC is its
     # exact curvature, so the reduction ratio is known in closed form. With
     # delta = -lr (K + lam I)^{-1} g: lr = 1 gives rho = 1 + lam |delta|^2 / (2 |model|) > 1
-    # (damping shrinks by omega = (20/19)^T per check); lr = 3 overshoots the minimum
-    # (the loss rises, rho < 0) and the damping grows by omega.
+    # (damping shrinks by omega = (20/19)^T per check); lr = 3 overshoots so far that the
+    # model itself predicts an increase: no evidence, the damping stays.
     model, X, y = _least_squares()
     loss_fn = nn.MSELoss()
     T, lam0 = 2, 1e-2
@@ -435,15 +436,35 @@ def test_adaptive_damping_levenberg_marquardt_direction(lr, direction):
             torch.cat([q.reshape(-1) for q in w]),
         )  # fmt: skip
         m = g @ delta + 0.5 * (delta @ H @ delta + lam * delta @ delta)
-        # a model that predicts no decrease is not trusted (rho = -inf)
-        rho = float((after - before) / m) if m < 0 else -float("inf")
+        if not m < 0:  # a model that predicts no decrease gives no evidence: no change
+            assert opt.last_rho is None and opt.param_groups[0]["damping"] == lam
+            continue
+        rho = float((after - before) / m)
         assert opt.last_rho == pytest.approx(rho, rel=1e-8)
         if direction == "down":
             assert opt.last_rho > 1.0
             assert opt.param_groups[0]["damping"] == pytest.approx(lam / omega, rel=1e-12)
         else:
-            assert opt.last_rho < 0.25
-            assert opt.param_groups[0]["damping"] == pytest.approx(lam * omega, rel=1e-12)
+            raise AssertionError(f"lr={lr}: the model predicted a decrease, rho={rho}")
+
+
+def test_adaptive_damping_grows_when_the_loss_rises_against_the_model():
+    # a Gauss-Newton step with almost no damping on a tanh MLP overshoots: the quadratic
+    # model predicts a decrease, the loss rises, rho < 0 < 1/4 and the damping grows by omega
+    model = _mlp()
+    g = _gen(3)
+    X, y = torch.randn(30, 4, generator=g, dtype=DT), torch.randn(30, 3, generator=g, dtype=DT)
+    loss_fn = nn.MSELoss()
+    opt = KFAC(model, loss_fn, lr=1.0, momentum=0.0, damping=1e-4, kl_clip=None,
+               fisher="exact", factor_decay=0.0, adapt_damping=1)  # fmt: skip
+    opt.zero_grad()
+    before = loss_fn(model(X), y)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        assert loss_fn(model(X), y) > before
+    assert opt.last_rho is not None and opt.last_rho < 0
+    assert opt.param_groups[0]["damping"] == pytest.approx(1e-4 * 20 / 19, rel=1e-12)
 
 
 def test_adaptive_damping_keeps_its_range_and_round_trips():

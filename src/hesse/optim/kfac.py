@@ -515,9 +515,13 @@ class KFAC(Optimizer):
             rho = (f(p) - f(p_old)) / (grad^T delta + delta^T (A (x) G + damping I) delta / 2)
             damping *= omega if rho < 1/4;  damping /= omega if rho > 3/4
             # omega = (20/19)^adapt_damping, damping kept in [1e-8, 1e4]; f(p) is loss_fn
-            # at the new p on the step's batch (one extra forward pass); rho = -inf if the
-            # model predicts no decrease
+            # at the new p on the step's batch (one extra forward pass); no change when
+            # the model predicts no decrease (a momentum-dominated step)
 
+    The defaults (``lr=0.3, damping=3e-2, adapt_damping=5, kl_clip=1e-2``, factors every 10
+    steps) were chosen once for three tasks, with no tuning per task; see
+    ``benchmarks/optimizers_kfac.py`` and ``benchmarks/README.md`` for where they match
+    AdamW and where they do not.
 
     Note:
         ``step`` overwrites ``p.grad`` with the preconditioned direction ``d``.
@@ -528,8 +532,8 @@ class KFAC(Optimizer):
         loss_fn: the likelihood loss (see :class:`KFACPreconditioner`).
         lr: learning rate ``> 0``.
         momentum: heavy-ball momentum in ``[0, 1)``.
-        damping: Tikhonov damping ``> 0`` (per-optimizer; schedulable via
-            ``param_groups[0]["damping"]``).
+        damping: Tikhonov damping ``> 0``, the starting value when ``adapt_damping`` is set
+            (per-optimizer; in ``param_groups[0]["damping"]``, schedulable there when fixed).
         weight_decay: L2 coefficient ``>= 0``, added to the gradient before preconditioning.
         kl_clip: KL-clipping bound or ``None`` (default ``1e-2``).
         adapt_damping: adapt ``damping`` every this many steps by the Levenberg-Marquardt rule
@@ -538,10 +542,12 @@ class KFAC(Optimizer):
             ``loss_fn`` with gradients on (its inputs are remembered by a hook); if the loss
             was computed another way, the damping stays fixed (one warning). The current
             value is ``param_groups[0]["damping"]`` (saved by ``state_dict``), the last
-            reduction ratio ``last_rho``.
-        **kwargs: ``fisher``, ``num_samples``, ``damping_mode``, ``factor_decay``,
-            ``factor_update_interval``, ``inverse_update_interval``, ``unsupported``,
-            ``generator`` as in :class:`KFACPreconditioner`.
+            reduction ratio ``last_rho``. Default ``5`` (as Martens & Grosse's ``T_1``).
+        factor_update_interval, factor_decay: as in :class:`KFACPreconditioner`; here every
+            10 steps with weight 0.8 by default (the statistics are the costly part of a step
+            on small models).
+        **kwargs: ``fisher``, ``num_samples``, ``damping_mode``, ``inverse_update_interval``,
+            ``unsupported``, ``generator`` as in :class:`KFACPreconditioner`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -558,13 +564,15 @@ class KFAC(Optimizer):
         self,
         params: Any,
         loss_fn: Callable | None = None,
-        lr: float = 0.1,
+        lr: float = 0.3,
         momentum: float = 0.9,
-        damping: float = 1e-3,
+        damping: float = 3e-2,
         weight_decay: float = 0.0,
         kl_clip: float | None = 1e-2,
         *,
-        adapt_damping: int | None = None,
+        adapt_damping: int | None = 5,
+        factor_update_interval: int = 10,
+        factor_decay: float = 0.8,
         model: nn.Module | None = None,
         **kwargs: Any,
     ):
@@ -585,7 +593,14 @@ class KFAC(Optimizer):
         self.model = model
         self.loss_fn = loss_fn
         self.preconditioner = KFACPreconditioner(
-            model, loss_fn, damping=damping, kl_clip=kl_clip, lr=lr, **kwargs
+            model,
+            loss_fn,
+            damping=damping,
+            kl_clip=kl_clip,
+            lr=lr,
+            factor_update_interval=factor_update_interval,
+            factor_decay=factor_decay,
+            **kwargs,
         )
 
     @torch.no_grad()
@@ -657,10 +672,10 @@ class KFAC(Optimizer):
         sq = sum(d.square().sum() for d in deltas.values())
         model_change = float(lin + 0.5 * (pre.quadratic(deltas) + lam * sq))
         change = float(losses[1] - losses[0])
-        if model_change < 0:
-            rho = change / model_change
-        else:  # the quadratic model predicts no decrease: the step is not trusted
-            rho = -math.inf
+        if not model_change < 0:  # the model predicts no decrease (momentum): no evidence
+            self.last_rho = None
+            return
+        rho = change / model_change
         if rho != rho:  # the new loss is NaN: treat as the worst agreement
             rho = -math.inf
         self.last_rho = rho
