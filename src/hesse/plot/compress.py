@@ -85,7 +85,9 @@ def plot_compression(
             ax.invert_xaxis()
         if dense is not None:
             ax.axhline(dense, color="k", linestyle="--", linewidth=1, label="dense")
-        ax.set_xlabel("global sparsity" if panel == "pruning" else "bits per weight")
+        per_layer = (d.get("settings") or {}).get("scope") == "layer"
+        sparsity = "sparsity of every layer" if per_layer else "global sparsity"
+        ax.set_xlabel(sparsity if panel == "pruning" else "bits per weight")
         ax.set_ylabel("test " + metric)
         ax.set_title("pruning, no fine-tuning" if panel == "pruning" else "quantization")
         ax.grid(alpha=0.3)
