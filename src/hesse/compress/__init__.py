@@ -14,10 +14,12 @@ Example:
 On the command line: ``hesse compress --out DIR`` (see :func:`compression_report`).
 """
 
-from .prune import PruneMethod, prune, sparsity_of
+from .prune import PruneMethod, prune, prune_layer_obs, sparsity_of
 from .quantize import (
     QuantizeResult,
     QuantMethod,
+    inverse_cholesky,
+    layer_hessians,
     layer_inputs_hessian,
     quantization_grid,
     quantize,
@@ -53,6 +55,8 @@ __all__ = [
     "QuantizeResult",
     "SensitivityResult",
     "allocate_bits",
+    "inverse_cholesky",
+    "layer_hessians",
     "layer_inputs_hessian",
     "layer_sensitivity",
     "quantization_grid",
@@ -69,5 +73,6 @@ __all__ = [
     "obs_saliency",
     "obs_single_update",
     "prune",
+    "prune_layer_obs",
     "sparsity_of",
 ]
