@@ -11,6 +11,9 @@ Configurations (training / measurement batch):
 * ``gd-full``:   full-batch GD on the 1437 training digits; measurement batch = all 1437.
 * ``gd-sub``:    full-batch GD; measurement batch = a fixed subset of ``--meas`` digits.
 * ``sgd-sub``:   mini-batch SGD (batch ``--batch``); measurement batch = fixed subset.
+* ``gd-full-shared``: ``gd-full`` with ``tracker.backward()`` in place of ``loss.backward()``:
+  the check steps' training gradient is built with ``create_graph=True`` and the check runs
+  on that graph (no rebuild).
 
 Run::
 
@@ -38,6 +41,7 @@ from hesse.data import load_digits_tensors, make_mlp
 
 def train(cfg: str, track: bool, args, data) -> dict:
     (X, y), (Xm, ym) = data[cfg]
+    shared = track and cfg.endswith("-shared")
     model = make_mlp((64, 32, 10), "tanh", seed=0)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
@@ -60,7 +64,10 @@ def train(cfg: str, track: bool, args, data) -> dict:
         xb, yb = X[i : i + B], y[i : i + B]
         i = 0 if i + 2 * B > n else i + B
         opt.zero_grad()
-        loss_fn(model(xb), yb).backward()
+        if shared:  # the tracker computes the step's gradient and shares its graph
+            tracker.backward()
+        else:
+            loss_fn(model(xb), yb).backward()
         opt.step()
         if tracker is not None:
             tracker.step()
@@ -126,7 +133,12 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     (X, y), _ = load_digits_tensors(torch.float32)
     sub = (X[: args.meas], y[: args.meas])
-    data = {"gd-full": ((X, y), (X, y)), "gd-sub": ((X, y), sub), "sgd-sub": ((X, y), sub)}
+    data = {
+        "gd-full": ((X, y), (X, y)),
+        "gd-full-shared": ((X, y), (X, y)),
+        "gd-sub": ((X, y), sub),
+        "sgd-sub": ((X, y), sub),
+    }
 
     results = {}
     for cfg in args.configs:
