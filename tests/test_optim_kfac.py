@@ -391,6 +391,91 @@ def test_kfac_on_linear_least_squares_reaches_the_minimum():
     assert float(model.bias.detach()) == pytest.approx(0.3, abs=1e-7)
 
 
+def _least_squares(seed=14):
+    g = _gen(seed)
+    model = nn.Linear(3, 2).to(DT)
+    X = torch.randn(40, 3, generator=g, dtype=DT)
+    y = X @ torch.randn(3, 2, generator=g, dtype=DT) + 0.3
+    return model, X, y
+
+
+@pytest.mark.parametrize("lr, direction", [(1.0, "down"), (3.0, "up")])
+def test_adaptive_damping_levenberg_marquardt_direction(lr, direction):
+    # one Linear layer + MSE with the exact Fisher: the loss is quadratic and K-FAC is its
+    # exact curvature, so the reduction ratio is known in closed form. With
+    # delta = -lr (K + lam I)^{-1} g: lr = 1 gives rho = 1 + lam |delta|^2 / (2 |model|) > 1
+    # (damping shrinks by omega = (20/19)^T per check); lr = 3 overshoots the minimum
+    # (the loss rises, rho < 0) and the damping grows by omega.
+    model, X, y = _least_squares()
+    loss_fn = nn.MSELoss()
+    T, lam0 = 2, 1e-2
+    opt = KFAC(model, loss_fn, lr=lr, momentum=0.0, damping=lam0, kl_clip=None,
+               fisher="exact", factor_decay=0.0, inverse_update_interval=1,
+               adapt_damping=T)  # fmt: skip
+    omega = (20 / 19) ** T
+    for step in range(6):
+        w = [p.detach().clone() for p in model.parameters()]
+        lam = opt.param_groups[0]["damping"]
+        opt.zero_grad()
+        before = loss_fn(model(X), y)
+        before.backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        opt.step()
+        if step % T:
+            assert opt.param_groups[0]["damping"] == lam  # checked every T steps only
+            continue
+        with torch.no_grad():
+            after = loss_fn(model(X), y)
+            before = before.detach()
+        delta = torch.cat([(p - q).reshape(-1) for p, q in zip(model.parameters(), w)])
+        # closed form of the quadratic model: the Hessian of this loss, by autograd
+        H = torch.autograd.functional.hessian(
+            lambda v: loss_fn(torch.func.functional_call(model, {
+                "weight": v[:6].reshape(2, 3), "bias": v[6:]}, (X,)), y),
+            torch.cat([q.reshape(-1) for q in w]),
+        )  # fmt: skip
+        m = g @ delta + 0.5 * (delta @ H @ delta + lam * delta @ delta)
+        # a model that predicts no decrease is not trusted (rho = -inf)
+        rho = float((after - before) / m) if m < 0 else -float("inf")
+        assert opt.last_rho == pytest.approx(rho, rel=1e-8)
+        if direction == "down":
+            assert opt.last_rho > 1.0
+            assert opt.param_groups[0]["damping"] == pytest.approx(lam / omega, rel=1e-12)
+        else:
+            assert opt.last_rho < 0.25
+            assert opt.param_groups[0]["damping"] == pytest.approx(lam * omega, rel=1e-12)
+
+
+def test_adaptive_damping_keeps_its_range_and_round_trips():
+    model, X, y = _least_squares()
+    loss_fn = nn.MSELoss()
+    kw = dict(lr=1.0, momentum=0.0, damping=1.02e-8, kl_clip=None, fisher="exact",
+              factor_decay=0.0, adapt_damping=1)  # fmt: skip
+    opt = KFAC(model, loss_fn, **kw)
+    _run(opt, model, loss_fn, X, y, 1)  # rho > 3/4: 1.02e-8 / omega, clamped
+    assert opt.param_groups[0]["damping"] == hesse.optim.kfac.MIN_DAMPING
+    # the adapted damping is optimizer state: a resumed run continues identically
+    model2 = copy.deepcopy(model)
+    opt2 = KFAC(model2, loss_fn, **{**kw, "damping": 1.0})
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
+    _run(opt, model, loss_fn, X, y, 2)
+    _run(opt2, model2, loss_fn, X, y, 2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_adaptive_damping_without_the_loss_call_warns_and_keeps_damping():
+    model, X, y = _least_squares()
+    opt = KFAC(model, nn.MSELoss(), damping=1e-2, adapt_damping=1, generator=_gen(0))
+    hesse._checks._warned -= {m for m in hesse._checks._warned if "damping fixed" in m}
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(X), y).backward()  # not through loss_fn
+    with pytest.warns(UserWarning, match="keeps the damping fixed"):
+        opt.step()
+    assert opt.param_groups[0]["damping"] == 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kfac_keeps_dtype(dtype):
     model, loss_fn, X, y = _problem(dtype)
@@ -425,6 +510,7 @@ def test_kfac_state_dict_resume_bit_identical():
         (dict(factor_decay=1.5), "factor_decay"),
         (dict(inverse_update_interval=0), "inverse_update_interval"),
         (dict(kl_clip=-1.0), "kl_clip"),
+        (dict(adapt_damping=0), "adapt_damping"),
     ],
 )
 def test_kfac_rejects_bad_hyperparameters(kwargs, match):
