@@ -430,3 +430,21 @@ def test_backward_does_not_share_with_dropout():
         tr = SharpnessTracker(model, loss_fn, data, every=2, optimizer=opt)
         _step_loop(model, loss_fn, data, opt, tr, 4, shared=True)
     assert not tr._shared and [r.step for r in tr.history] == [2, 4]
+
+
+def test_warm_checks_with_weight_decay_match_dense():
+    model, loss_fn, data = _mlp(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    tr = SharpnessTracker(
+        model,
+        loss_fn,
+        data,
+        every=3,
+        optimizer=opt,
+        weight_decay=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    _train(model, loss_fn, data, opt, tr, 9)
+    lam = float(torch.linalg.eigvalsh(dense_hessian(model, loss_fn, data))[-1]) + 0.1
+    rec = tr.history[-1]
+    assert rec.converged and abs(rec.lambda_max - lam) <= 1e-3 * lam
