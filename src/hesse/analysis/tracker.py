@@ -262,9 +262,17 @@ class SharpnessTracker:
             tracker.step()
         tracker.to_csv("sharpness.csv"); tracker.plot("sharpness.png")
 
-    Each check runs :func:`hesse.top_eigenpairs` (Lanczos) on the curvature of the fixed
-    measurement batch, started from the previous top eigenvector (``v0``): after the first
-    check it typically converges to ``tol`` in a few products. With ``per_layer=True`` the
+    Full-batch training on the measurement batch can let the checks share the training
+    step's graph (no rebuild; see :meth:`backward`)::
+
+        for _ in range(steps):
+            opt.zero_grad(); tracker.backward(); opt.step(); tracker.step()
+
+    The first check runs :func:`hesse.top_eigenpairs` (Lanczos) on the curvature of the fixed
+    measurement batch; later ones a lean Lanczos started from the previous top eigenvector
+    (certified by the residual bound, or the gap-refined estimate once three Ritz values
+    show the gap; it falls back to :func:`hesse.top_eigenpairs`), typically 3 products.
+    Each record carries its ``error_bound`` and ``converged``. With ``per_layer=True`` the
     top eigenvalue of each layer's diagonal block is measured too (warm-started per layer);
     with an adaptive optimizer (Adam/AdamW/RMSprop/Adagrad) the preconditioned sharpness
     ``lambda_max(P^{-1} H)`` and its ratio to the optimizer's stability threshold (see
