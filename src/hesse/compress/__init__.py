@@ -11,7 +11,12 @@ Example:
     >>> alloc = allocate_bits(sens, average_bits=4.0)                    # doctest: +SKIP
     >>> quantize(w.model, w.train, alloc.bits, method="obs").layer_error  # doctest: +SKIP
 
-On the command line: ``hesse compress --out DIR`` (see :func:`compression_report`).
+Large models (SparseGPT-style, each layer's reconstruction Hessian ``2 X^T X`` from forward
+hooks, no loss curvature): ``prune(model, None, calib, 0.5, curvature="layerwise",
+scope="layer")``.
+
+On the command line: ``hesse compress --out DIR`` (see :func:`compression_report`);
+``hesse compress --workload lm`` for the shipped language model (test perplexity).
 """
 
 from .prune import PruneMethod, prune, prune_layer_obs, sparsity_of

@@ -223,8 +223,10 @@ def prune_layer_obs(
     Wk = W0.clone()
     Wk[:, dead] = 0.0  # inputs that are always zero: their weights do nothing
     # every row ends with at least round(sparsity * d) zeros (more if it had more already)
-    target = torch.clamp_min(torch.full((rows,), round(sparsity * d)), (~keep).sum(1))
-    done = torch.zeros(rows, dtype=torch.long)
+    target = torch.clamp_min(
+        torch.full((rows,), round(sparsity * d), device=W.device), (~keep).sum(1)
+    )
+    done = torch.zeros(rows, dtype=torch.long, device=W.device)
     for i1 in range(0, d, step):
         i2 = min(i1 + step, d)
         W1, U1 = Wk[:, i1:i2].clone(), U[i1:i2, i1:i2]

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from .._typing import Params
+from ._hvp import backward_pass
 
 __all__ = ["OutputGraph", "ggn_vp"]
 
@@ -41,9 +42,7 @@ class OutputGraph:
         self.params = list(params)
         zero = torch.zeros((), dtype=outputs.dtype, device=outputs.device, requires_grad=True)
         self._u = zero.expand(outputs.shape)
-        vjp = torch.autograd.grad(
-            outputs, self.params, self._u, create_graph=True, allow_unused=True
-        )
+        vjp = backward_pass([outputs], self.params, [self._u], create_graph=True)
         self._live = [g is not None and g.requires_grad for g in vjp]
         self._roots = [get_gradient_edge(g) for g, ok in zip(vjp, self._live) if ok]
 
@@ -54,27 +53,34 @@ class OutputGraph:
             return torch.zeros(
                 (k, *self.outputs.shape), dtype=self.outputs.dtype, device=self.outputs.device
             )
-        batched = k > 1  # one direction: plain autograd, no vmap overhead (CG)
+        if k == 1:  # one direction: one plain pass, no vmap overhead (CG)
+            (out,) = backward_pass(
+                self._roots, [self._u], [v[0] for v, ok in zip(V, self._live) if ok]
+            )
+            return out.unsqueeze(0)
         (out,) = torch.autograd.grad(
             self._roots,
             self._u,
-            [v if batched else v[0] for v, ok in zip(V, self._live) if ok],
+            [v for v, ok in zip(V, self._live) if ok],
             retain_graph=True,
-            is_grads_batched=batched,
+            is_grads_batched=True,
         )
-        return out if batched else out.unsqueeze(0)
+        return out
 
     def vjp(self, W: Tensor) -> list[Tensor]:
         """``J^T W`` for ``W`` of shape ``(k, *out)``; returns tensors ``(k, *param.shape)``."""
         batched = W.shape[0] > 1
-        res = torch.autograd.grad(
-            self.outputs,
-            self.params,
-            W if batched else W[0],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
+        if batched:
+            res = torch.autograd.grad(
+                self.outputs,
+                self.params,
+                W,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        else:
+            res = backward_pass([self.outputs], self.params, [W[0]])
         return [
             torch.zeros((W.shape[0], *p.shape), dtype=p.dtype, device=p.device)
             if r is None
