@@ -125,7 +125,7 @@ def cnn_task(steps: int, quick: bool = False) -> Task:
         nn.CrossEntropyLoss(),
         _minibatches(X, y, steps, 128),
         (X[:512], y[:512]),
-        (3e-4, 1e-3, 3e-3),
+        (1e-3, 3e-3, 1e-2),
     )
 
 
