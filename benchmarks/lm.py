@@ -218,54 +218,65 @@ def perplexity(model: torch.nn.Module, data: tuple) -> float:
 
 def cmd_compress(args: argparse.Namespace) -> dict:
     """Test perplexity of the shipped LM after 4/3-bit quantization (RTN vs the second-order
-    quantizer) and 50% pruning (magnitude vs OBS); calibration on training sequences."""
+    quantizer) and 50% pruning (magnitude vs layer-wise OBS), calibration on training
+    windows; once for every Linear layer plus the tied embedding/output layer ("all") and
+    once for the Linear layers only ("linear", the tied weight stays float)."""
     import copy
 
     from hesse import compress
 
     w = lm_data.lm_workload(num_train=args.calib)
     refs = [r.name for r in compress.compressible_weights(w.model)]
+    linear = [
+        r.module_name for r in compress.compressible_weights(w.model) if r.name != "tok.weight"
+    ]
     rows: dict[str, dict] = {"float": {"ppl": perplexity(w.model, w.test)}}
     print(f"compressible weights ({len(refs)}): {refs[:3]} ...", flush=True)
-    for bits in args.bits:
-        for method in ("rtn", "obs"):
-            m = copy.deepcopy(w.model)
-            t = time.thread_time()
-            res = compress.quantize(m, w.train, bits, method=method)
-            rows[f"{bits}-bit {method}"] = {
-                "ppl": perplexity(m, w.test),
-                "cpu_s": time.thread_time() - t,
-                "layers": len(res.bits),
-                "mean_layer_error": sum(res.layer_error.values()) / len(res.layer_error),
-            }
-            print(rows[f"{bits}-bit {method}"], flush=True)
-    prune_data = (w.train[0][: args.prune_calib], w.train[1][: args.prune_calib])
-    for method in ("magnitude", "obs"):
+
+    def run(key: str, fn) -> None:
         m = copy.deepcopy(w.model)
         t = time.thread_time()
-        try:
-            kw = {"curvature": args.prune_curvature} if method == "obs" else {}
-            compress.prune(m, w.loss_fn, prune_data, args.sparsity, method=method, **kw)
-        except Exception as e:  # report what the public API refuses, do not hide it
-            rows[f"prune {args.sparsity:g} {method}"] = {"error": f"{type(e).__name__}: {e}"}
-            print(rows[f"prune {args.sparsity:g} {method}"], flush=True)
-            continue
-        rows[f"prune {args.sparsity:g} {method}"] = {
-            "ppl": perplexity(m, w.test),
-            "cpu_s": time.thread_time() - t,
-            "sparsity": compress.sparsity_of(m),
-        }
-        print(rows[f"prune {args.sparsity:g} {method}"], flush=True)
+        extra = fn(m) or {}
+        rows[key] = {"ppl": perplexity(m, w.test), "cpu_s": time.thread_time() - t, **extra}
+        print(key, rows[key], flush=True)
+
+    for which, layers in (("all", None), ("linear", linear)):
+        for bits in args.bits:
+            for method in ("rtn", "obs"):
+
+                def q(m, bits=bits, method=method, layers=layers):
+                    res = compress.quantize(m, w.train, bits, method=method, layers=layers)
+                    err = res.layer_error
+                    return {
+                        "layers": len(res.bits),
+                        "mean_layer_error": sum(err.values()) / len(err),
+                    }
+
+                run(f"{which} {bits}-bit {method}", q)
+        for method, scope, kw in (
+            ("magnitude", "global", {}),
+            ("magnitude", "layer", {}),
+            ("obs", "layer", {"curvature": "layerwise"}),
+        ):
+
+            def p(m, method=method, scope=scope, kw=kw, layers=layers):
+                compress.prune(
+                    m,
+                    w.loss_fn,
+                    w.train,
+                    args.sparsity,
+                    method=method,
+                    scope=scope,
+                    layers=layers,
+                    **kw,
+                )
+                return {"sparsity": compress.sparsity_of(m, layers)["global"]}
+
+            run(f"{which} prune {args.sparsity:g} {method} {scope}", p)
     f = rows["float"]["ppl"]
     for r in rows.values():
-        if "ppl" in r:
-            r["vs_float"] = r["ppl"] / f - 1.0
-    rows["meta"] = {
-        "compressed": refs,
-        "calib_sequences": args.calib,
-        "prune_calib_sequences": args.prune_calib,
-        "prune_curvature": args.prune_curvature,
-    }
+        r["vs_float"] = r["ppl"] / f - 1.0
+    rows["meta"] = {"compressed": refs, "calib_sequences": args.calib}
     return rows
 
 
@@ -287,12 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("compress")
     q.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     q.add_argument("--calib", type=int, default=128, help="calibration training sequences")
-    q.add_argument("--prune-calib", type=int, default=64)
-    q.add_argument(
-        "--prune-curvature",
-        default="fisher",
-        help="OBS blocks: 'fisher' (empirical, per sequence) or 'ggn' (exact; N*T*V rows: slow)",
-    )
     q.add_argument("--sparsity", type=float, default=0.5)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -400,7 +400,9 @@ def main():
         )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        out["autoencoder"] = mod.main(["--repeats", str(min(args.repeats, 3))])
+        out["autoencoder"] = mod.main(
+            ["--tasks", "autoencoder", "--repeats", str(min(args.repeats, 3))]
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)

@@ -1,29 +1,49 @@
-"""Deep autoencoder on digits: K-FAC and Shampoo vs Adam (issue 8).
+"""K-FAC and Shampoo with their default arguments vs AdamW on three tasks (issues 8, 16).
 
-The Martens (2010) deep-autoencoder benchmark scaled down: a 64-128-32-128-64 tanh
-autoencoder on the 1437 standardised training digits (8x8), MSE reconstruction loss,
-full-batch, float32, one thread. Protocol:
+Tasks (float32, one thread, ``torch.set_flush_denormal(True)``):
 
-1. Adam with a small lr grid runs 1000 steps each; the best final training loss is the
-   target.
-2. K-FAC (``hesse.optim.KFAC``, true Fisher by sampling) and Shampoo (``hesse.optim.Shampoo``,
-   Adam grafting) run until their training loss first reaches the target (cap 1000 steps).
-3. Wall time: ``--repeats`` interleaved rounds (Adam best lr, K-FAC, Shampoo), each timed to
-   its first hit of the target (Adam: its whole run if it only gets there at the end); the
-   table reports medians and ratios measured in the same run.
+* ``lm``: the embedded LM workload's causal transformer (``hesse.data.lm``, 208k parameters)
+  from its seed-0 *initialisation*; minibatches of 32 training windows (64 characters) drawn
+  by a fixed generator, the same sequence for every optimizer; training loss = mean
+  cross-entropy (nats/character) on a fixed subset of 64 training windows.
+* ``cnn``: the ReLU CNN of ``benchmarks/lm.py`` (``make_cnn``, 241k parameters) on the 8x8
+  digits, cross-entropy, minibatches of 128 training images (fixed generator); training loss
+  on a fixed subset of 512 training images.
+* ``autoencoder``: the Martens (2010) deep-autoencoder benchmark scaled down, a
+  64-128-32-128-64 tanh autoencoder on the 1437 standardised training digits, MSE, full batch.
+
+Protocol per task:
+
+1. AdamW (torch defaults but ``lr``) runs ``--steps`` (500) steps for each lr of a 3-point
+   grid; the best final training loss is the target.
+2. ``hesse.optim.KFAC(model, loss_fn)`` and ``hesse.optim.Shampoo(params)`` with DEFAULT
+   arguments (``--kfac`` / ``--shampoo`` override them, to explore) run until their training
+   loss first reaches the target (cap: the same number of steps).
+3. The training loss is measured every ``--eval-every`` steps, outside the clock. Time is the
+   CPU time of the training thread (``time.thread_time``) of the steps up to the first
+   measurement at or below the target; ``--repeats`` interleaved rounds (AdamW best lr, KFAC,
+   Shampoo), medians, ratios from the same run. Steps are deterministic (fixed generators).
 
 Usage::
 
-    python benchmarks/optimizers_kfac.py            # full protocol, ~3-5 min on one core
-    python benchmarks/optimizers_kfac.py --quick    # smaller grid, 1 repeat (smoke test)
+    python benchmarks/optimizers_kfac.py                # all three tasks, ~11 min CPU
+    python benchmarks/optimizers_kfac.py --tasks autoencoder --kfac damping=1e-2
+    python benchmarks/optimizers_kfac.py --quick        # tiny smoke run (seconds)
+    python benchmarks/optimizers_kfac.py --factor-error # K-FAC vs exact GGN blocks
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import statistics
+import sys
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,56 +52,223 @@ from hesse.data.digits import load_digits_tensors
 from hesse.optim import KFAC, Shampoo
 
 WIDTHS = (64, 128, 32, 128, 64)
+OPTIMIZERS = ("adamw", "kfac", "shampoo")
 
 
-def make_autoencoder(seed: int = 0) -> nn.Sequential:
+def make_autoencoder(seed: int = 0, widths: tuple[int, ...] = WIDTHS) -> nn.Sequential:
     g = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(a, b))
-            if i < len(WIDTHS) - 2:
+            if i < len(widths) - 2:
                 layers.append(nn.Tanh())
         return nn.Sequential(*layers)
     finally:
         torch.random.set_rng_state(g)
 
 
-def make_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, **kw):
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), **kw)
+@dataclass
+class Task:
+    """One training problem: a fresh model per run, a fixed batch sequence, an eval set."""
+
+    name: str
+    description: str
+    make_model: Callable[[], nn.Module]
+    loss_fn: nn.Module
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    eval_data: tuple[torch.Tensor, torch.Tensor]
+    adamw_grid: tuple[float, ...]
+
+
+def _minibatches(X, y, steps: int, batch_size: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        i = torch.randint(len(X), (batch_size,), generator=g)
+        out.append((X[i], y[i]))
+    return out
+
+
+def lm_task(steps: int, quick: bool = False) -> Task:
+    from hesse.data import lm
+
+    cfg = lm.LMConfig(d_model=16, n_layers=1, n_heads=2, context=16) if quick else lm.LMConfig()
+    X, y = lm.lm_sequences(lm.lm_corpus("train"), cfg.context)
+    ev = torch.randperm(len(X), generator=torch.Generator().manual_seed(1))[:64]
+    model = lm.CausalTransformer(cfg, seed=0)
+    n = sum(p.numel() for p in model.parameters())
+    return Task(
+        "lm",
+        f"causal transformer d{cfg.d_model} l{cfg.n_layers} h{cfg.n_heads} t{cfg.context} "
+        f"({n:,} params, seed-0 init), minibatch 32 windows, eval 64 training windows",
+        lambda: lm.CausalTransformer(cfg, seed=0),
+        lm.lm_loss(),
+        _minibatches(X, y, steps, 32),
+        (X[ev], y[ev]),
+        (1e-3, 3e-3, 1e-2),
+    )
+
+
+def cnn_task(steps: int, quick: bool = False) -> Task:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lm import make_cnn
+
+    (X, y), _ = load_digits_tensors(torch.float32)
+    X = X.reshape(-1, 1, 8, 8)
+    n = sum(p.numel() for p in make_cnn(0).parameters())
+    return Task(
+        "cnn",
+        f"ReLU CNN make_cnn ({n:,} params), digits, minibatch 128, eval 512 training images",
+        lambda: make_cnn(0),
+        nn.CrossEntropyLoss(),
+        _minibatches(X, y, steps, 128),
+        (X[:512], y[:512]),
+        (1e-3, 3e-3, 1e-2),
+    )
+
+
+def autoencoder_task(steps: int, quick: bool = False) -> Task:
+    (X, _), _ = load_digits_tensors(torch.float32)
+    widths = (64, 16, 64) if quick else WIDTHS
+    return Task(
+        "autoencoder",
+        f"{'-'.join(map(str, widths))} tanh autoencoder, MSE, digits N={len(X)}, full batch",
+        lambda: make_autoencoder(0, widths),
+        nn.MSELoss(),
+        [(X, X)] * steps,
+        (X, X),
+        (3e-3, 1e-2, 3e-2),
+    )
+
+
+TASKS = {"lm": lm_task, "cnn": cnn_task, "autoencoder": autoencoder_task}
+
+
+def make_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, config: dict):
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), **config)
     if name == "kfac":
-        return KFAC(model, loss_fn, generator=torch.Generator().manual_seed(0), **kw)
+        with warnings.catch_warnings():  # LayerNorm parameters are trained first-order
+            warnings.simplefilter("ignore")
+            return KFAC(model, loss_fn, generator=torch.Generator().manual_seed(0), **config)
     if name == "shampoo":
-        return Shampoo(model.parameters(), **kw)
+        return Shampoo(model.parameters(), **config)
     raise ValueError(name)
 
 
-def run(name: str, X: torch.Tensor, steps: int, target: float | None = None, **kw) -> dict:
-    """Train from the fixed init; stop at the first loss <= target. Returns history/timing."""
-    model = make_autoencoder()
-    loss_fn = nn.MSELoss()
-    opt = make_optimizer(name, model, loss_fn, **kw)
-    history = []
-    hit = None
-    t0 = time.perf_counter()
-    for i in range(steps):
+def evaluate(model: nn.Module, loss_fn: nn.Module, data) -> float:
+    with torch.no_grad():
+        return float(loss_fn(model(data[0]), data[1]))
+
+
+def run(task: Task, name: str, config: dict, eval_every: int, target: float | None = None) -> dict:
+    """Train a fresh model on ``task.batches``; stop at the first measured loss <= target.
+
+    Returns ``history`` ([(step, training loss)]), ``hit`` (steps to target or ``None``),
+    ``time`` (thread CPU seconds of the training steps up to the hit or the end), ``final``.
+    """
+    model = task.make_model()
+    loss_fn = task.loss_fn
+    opt = make_optimizer(name, model, loss_fn, config)
+    history = [(0, evaluate(model, loss_fn, task.eval_data))]
+    hit, cpu = None, 0.0
+    for step, (inputs, targets) in enumerate(task.batches, 1):
+        t0 = time.thread_time()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(X), X)
-        loss.backward()
+        loss_fn(model(inputs), targets).backward()
         opt.step()
-        value = float(loss.detach())  # one sync per step, the same for every method
-        history.append(value)
-        if target is not None and value <= target:
-            hit = i + 1
-            break
-    elapsed = time.perf_counter() - t0
-    return {"history": history, "hit": hit, "time": elapsed, "final": history[-1]}
+        cpu += time.thread_time() - t0
+        if step % eval_every == 0 or step == len(task.batches):
+            value = evaluate(model, loss_fn, task.eval_data)
+            history.append((step, value))
+            if value != value:  # NaN: diverged
+                break
+            if target is not None and value <= target:
+                hit = step
+                break
+    return {"history": history, "hit": hit, "time": cpu, "final": history[-1][1]}
 
 
-KFAC_CONFIG = dict(lr=0.3, momentum=0.9, damping=1e-2, kl_clip=1e-2, inverse_update_interval=10)
-SHAMPOO_CONFIG = dict(lr=5e-3, momentum=0.9, epsilon=1e-7, update_interval=10, grafting="adam")
+def parse_config(items: list[str]) -> dict:
+    """``["lr=0.1", "kl_clip=None"]`` -> ``{"lr": 0.1, "kl_clip": None}``."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def run_task(task: Task, configs: dict, steps: int, eval_every: int, repeats: int) -> dict:
+    print(f"\n# {task.name}: {task.description}, {steps} steps, loss every {eval_every}")
+    grid = {}
+    for lr in task.adamw_grid:
+        r = run(task, "adamw", {"lr": lr}, eval_every)
+        grid[lr] = r
+        print(f"adamw lr={lr:g}: loss after {steps} steps {r['final']:.4f} ({r['time']:.1f} s)")
+    best_lr = min(grid, key=lambda k: grid[k]["final"])
+    target = grid[best_lr]["final"]
+    print(f"target = AdamW(lr={best_lr:g}) after {steps} steps = {target:.4f}")
+    configs = {"adamw": {"lr": best_lr}, **configs}
+    times: dict[str, list[float]] = {k: [] for k in OPTIMIZERS}
+    results: dict[str, dict] = {}
+    for rep in range(repeats):
+        for name in OPTIMIZERS:
+            r = run(task, name, configs[name], eval_every, target)
+            times[name].append(r["time"])
+            results[name] = r
+        print(
+            f"round {rep + 1}/{repeats}: "
+            + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items())
+        )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for name in OPTIMIZERS:
+        r = results[name]
+        cfg = ", ".join(f"{k}={v}" for k, v in configs[name].items()) or "defaults"
+        rows.append(
+            {
+                "task": task.name,
+                "optimizer": name,
+                "config": cfg,
+                "steps_to_target": r["hit"],
+                "final": r["final"],
+                "time": med[name],
+                "ratio": med[name] / med["adamw"],
+                "history": r["history"],
+            }
+        )
+    return {
+        "task": task.name,
+        "description": task.description,
+        "target": target,
+        "best_lr": best_lr,
+        "adamw_grid": {str(k): v["final"] for k, v in grid.items()},
+        "rows": rows,
+        "times": times,
+    }
+
+
+def print_table(results: list[dict]) -> None:
+    print()
+    print("| task | optimizer | config | steps to target | CPU time to target | time / AdamW |")
+    print("|---|---|---|---|---|---|")
+    for res in results:
+        for row in res["rows"]:
+            st = row["steps_to_target"]
+            st = st if st is not None else f"not reached (loss {row['final']:.4f})"
+            print(
+                f"| {row['task']} | {row['optimizer']} | {row['config']} | {st} | "
+                f"{row['time']:.1f} s | {row['ratio']:.2f} |"
+            )
+    print()
+    for res in results:
+        grid = ", ".join(f"lr={k}: {v:.4f}" for k, v in res["adamw_grid"].items())
+        print(f"{res['task']}: target {res['target']:.4f}; AdamW grid finals: {grid}")
 
 
 def factor_error() -> dict:
@@ -114,9 +301,13 @@ def factor_error() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller grid, one repeat")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    ap.add_argument("--quick", action="store_true", help="tiny models, 20 steps, one repeat")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--kfac", nargs="*", default=[], metavar="KEY=VALUE", help="KFAC kwargs")
+    ap.add_argument("--shampoo", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument(
         "--factor-error",
@@ -128,59 +319,22 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_flush_denormal(True)
     if args.factor_error:
         return factor_error()
-    (X, _), _ = load_digits_tensors(torch.float32)
-    grid = [1e-2, 2e-2] if args.quick else [3e-3, 1e-2, 2e-2, 3e-2]
-    repeats = 1 if args.quick else args.repeats
-
-    print(
-        f"# deep autoencoder {'-'.join(map(str, WIDTHS))} tanh, MSE, digits N={len(X)}, "
-        f"full batch, float32, 1 thread"
-    )
-    adam = {}
-    for lr in grid:
-        r = run("adam", X, args.steps, lr=lr)
-        adam[lr] = r
-        print(f"adam lr={lr:g}: loss after {args.steps} steps {r['final']:.5f} ({r['time']:.1f} s)")
-    best_lr = min(adam, key=lambda k: adam[k]["final"])
-    target = adam[best_lr]["final"]
-    print(f"target = Adam(lr={best_lr:g}) loss after {args.steps} steps = {target:.5f}")
-
-    times: dict[str, list[float]] = {"adam": [], "kfac": [], "shampoo": []}
-    steps: dict[str, int | None] = {}
-    finals: dict[str, float] = {}
-    configs = {"adam": {"lr": best_lr}, "kfac": KFAC_CONFIG, "shampoo": SHAMPOO_CONFIG}
-    for rep in range(repeats):
-        for name in ("adam", "kfac", "shampoo"):
-            r = run(name, X, args.steps, target=target, **configs[name])
-            times[name].append(r["time"])
-            steps[name] = r["hit"]
-            finals[name] = r["final"]
-        print(
-            f"round {rep + 1}/{repeats}: "
-            + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
-        )
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print()
-    print("| optimizer | config | steps to target | time to target (median) | time / Adam |")
-    print("|---|---|---|---|---|")
-    for name in ("adam", "kfac", "shampoo"):
-        cfg = ", ".join(f"{k}={v}" for k, v in configs[name].items())
-        st = steps[name] if steps[name] is not None else f"not reached ({finals[name]:.5f})"
-        print(f"| {name} | {cfg} | {st} | {med[name]:.2f} s | {med[name] / med['adam']:.2f} |")
-    result = {
-        "target": target,
-        "adam_grid": {str(k): v["final"] for k, v in adam.items()},
-        "best_lr": best_lr,
-        "steps_to_target": steps,
-        "median_time": med,
-        "times": times,
-        "configs": {k: {kk: vv for kk, vv in v.items()} for k, v in configs.items()},
-    }
+    steps, repeats, every = args.steps, args.repeats, args.eval_every
+    if args.quick:
+        steps, repeats, every = 20, 1, 5
+    configs = {"kfac": parse_config(args.kfac), "shampoo": parse_config(args.shampoo)}
+    results = []
+    for name in args.tasks:
+        task = TASKS[name](steps, args.quick)
+        if args.quick:
+            task.adamw_grid = task.adamw_grid[1:2]
+        results.append(run_task(task, configs, steps, every, repeats))
+    print_table(results)
+    out = {"steps": steps, "repeats": repeats, "eval_every": every, "tasks": results}
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return result
+            json.dump(out, fh, indent=1)
+    return out
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Configurations (training / measurement batch):
 * ``gd-full``:   full-batch GD on the 1437 training digits; measurement batch = all 1437.
 * ``gd-sub``:    full-batch GD; measurement batch = a fixed subset of ``--meas`` digits.
 * ``sgd-sub``:   mini-batch SGD (batch ``--batch``); measurement batch = fixed subset.
+* ``gd-full-shared``: ``gd-full`` with ``tracker.backward()`` in place of ``loss.backward()``:
+  the check steps' training gradient is built with ``create_graph=True`` and the check runs
+  on that graph (no rebuild).
 
 Run::
 
@@ -38,6 +41,7 @@ from hesse.data import load_digits_tensors, make_mlp
 
 def train(cfg: str, track: bool, args, data) -> dict:
     (X, y), (Xm, ym) = data[cfg]
+    shared = track and cfg.endswith("-shared")
     model = make_mlp((64, 32, 10), "tanh", seed=0)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
@@ -60,7 +64,10 @@ def train(cfg: str, track: bool, args, data) -> dict:
         xb, yb = X[i : i + B], y[i : i + B]
         i = 0 if i + 2 * B > n else i + B
         opt.zero_grad()
-        loss_fn(model(xb), yb).backward()
+        if shared:  # the tracker computes the step's gradient and shares its graph
+            tracker.backward()
+        else:
+            loss_fn(model(xb), yb).backward()
         opt.step()
         if tracker is not None:
             tracker.step()
@@ -126,17 +133,30 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     (X, y), _ = load_digits_tensors(torch.float32)
     sub = (X[: args.meas], y[: args.meas])
-    data = {"gd-full": ((X, y), (X, y)), "gd-sub": ((X, y), sub), "sgd-sub": ((X, y), sub)}
+    data = {
+        "gd-full": ((X, y), (X, y)),
+        "gd-full-shared": ((X, y), (X, y)),
+        "gd-sub": ((X, y), sub),
+        "sgd-sub": ((X, y), sub),
+    }
 
     results = {}
+    # One untracked baseline per training loop (the gd-* configs all train full-batch GD on
+    # the same data), run interleaved with the tracked runs of every config, so that all
+    # overheads are ratios from the same stretch of time.
+    loops = {cfg: ("sgd" if cfg.startswith("sgd") else "gd") for cfg in args.configs}
+    base = {loop: [] for loop in set(loops.values())}
+    runs = {cfg: [] for cfg in args.configs}
+    for _ in range(args.repeats):
+        for loop in base:
+            base[loop].append(train("sgd-sub" if loop == "sgd" else "gd-full", False, args, data))
+        for cfg in args.configs:
+            runs[cfg].append(train(cfg, True, args, data))
     for cfg in args.configs:
-        base, tracked = [], []
-        for _ in range(args.repeats):  # interleaved: baseline, tracked, baseline, ...
-            base.append(train(cfg, False, args, data))
-            tracked.append(train(cfg, True, args, data))
-        b_cpu = statistics.median(r["cpu"] for r in base)
+        tracked = runs[cfg]
+        b_cpu = statistics.median(r["cpu"] for r in base[loops[cfg]])
         t_cpu = statistics.median(r["cpu"] for r in tracked)
-        b_wall = statistics.median(r["wall"] for r in base)
+        b_wall = statistics.median(r["wall"] for r in base[loops[cfg]])
         t_wall = statistics.median(r["wall"] for r in tracked)
         res = {
             "overhead_cpu": t_cpu / b_cpu - 1,
@@ -149,7 +169,7 @@ def main(argv=None) -> int:
         }
         results[cfg] = res
         print(
-            f"{cfg:8s} overhead {100 * res['overhead_cpu']:6.1f}% CPU "
+            f"{cfg:14s} overhead {100 * res['overhead_cpu']:6.1f}% CPU "
             f"({100 * res['overhead_wall']:6.1f}% wall)  train {res['train_ms_per_step_cpu']:.2f} "
             f"ms/step  HVPs/check: first {res['first_check_hvps']}, then mean "
             f"{res['mean_hvps_after_first']:.2f} (max {res['max_hvps_after_first']})  "

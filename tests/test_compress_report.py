@@ -146,6 +146,37 @@ def test_cli_default_workload(tmp_path, capsys):
     assert {r["method"] for r in d["pruning"]} == {"magnitude", "obs"}
 
 
+@pytest.mark.slow
+def test_cli_lm_workload_reports_perplexity(tmp_path, capsys):
+    """``--workload lm``: every Linear layer and the tied embedding, 4 calibration windows,
+    test perplexity of the float and compressed models (a few seconds)."""
+    import math
+
+    out = tmp_path / "lm"
+    argv = ["compress", "--workload", "lm", "--calib", "4", "--test-windows", "64"]
+    argv += ["--bits", "4", "--quant-methods", "rtn", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "perplexity" in text and "| 0.50 |" in text
+    d = json.loads((out / "compress.json").read_text())
+    assert d["metric"] == "perplexity" and d["name"].startswith("lm-transformer")
+    dense = d["dense"]
+    assert dense["perplexity"] == pytest.approx(math.exp(dense["loss"]))
+    assert 5.0 < dense["perplexity"] < 9.0  # the shipped model: 6.97 on all 640 test windows
+    prune_rows = {r["method"]: r for r in d["pruning"]}
+    assert set(prune_rows) == {"magnitude", "obs"}
+    assert all(r["measured_sparsity"] == pytest.approx(0.5) for r in d["pruning"])
+    assert prune_rows["obs"]["perplexity"] < prune_rows["magnitude"]["perplexity"]
+    (q,) = d["quantization"]
+    assert "tok.weight" in q["layer_error"] and len(q["layer_error"]) == 25
+    assert dense["perplexity"] < q["perplexity"] < 1.2 * dense["perplexity"]
+    assert d["settings"]["prune_kwargs"]["curvature"] == "'layerwise'"
+    # the folder is protected like every command's --out
+    (out / "compress.md").write_text("edited")
+    assert main([*argv, "--no-plots"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -155,6 +186,11 @@ def test_cli_default_workload(tmp_path, capsys):
         (["--widths", "32,10"], "--widths"),
         (["--data", "x:y"], "need --model"),
         (["--steps", "-1"], "--steps"),
+        (["--workload", "lm", "--scope", "global"], "needs --scope layer"),
+        (["--workload", "lm", "--prune-methods", "obd"], "OBS option"),
+        (["--workload", "lm", "--calib", "0"], "--calib"),
+        (["--prune-curvature", "layerwise", "--prune-methods", "obs"], "needs --scope layer"),
+        (["--workload", "lm", "--test-windows", "0"], "--test-windows"),
     ],
 )
 def test_cli_usage_errors(tmp_path, capsys, argv, message):

@@ -164,3 +164,19 @@ def test_quantization_of_gpt2_writes_the_tied_weight_once_on_its_grid():
     assert all(len(torch.unique(col)) <= 16 for col in C.T)
     assert all(0 <= e < 1 for e in res.layer_error.values())
     assert abs(float(_lm_loss(model, data).detach()) - loss0) < 0.5 * loss0
+
+
+def test_layerwise_obs_pruning_of_gpt2_per_output_channel_and_tied():
+    """Layer-wise OBS on Conv1D ``(in, out)`` weights prunes every output channel (a column
+    of the stored weight) to the sparsity; the tied wte/lm_head weight keeps one mask."""
+    data = _batches(4)
+    model = _gpt2(4)
+    loss0 = float(_lm_loss(model, data).detach())
+    prune(model, None, data, 0.5, method="obs", curvature="layerwise", scope="layer")
+    wte, head = model.transformer.wte, model.lm_head
+    assert head.weight_orig is wte.weight_orig and torch.equal(wte.weight, head.weight)
+    C = model.transformer.h[0].mlp.c_fc.weight.detach()  # (in 8, out 32)
+    assert bool(((C == 0).sum(0) == 4).all())
+    assert bool(((wte.weight == 0).sum(1) == 4).all())  # rows of the output layer
+    assert abs(sparsity_of(model)["global"] - 0.5) < 0.01
+    assert float(_lm_loss(model, data).detach()) < 1.01 * loss0  # random init: +0.2%

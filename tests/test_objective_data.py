@@ -218,6 +218,7 @@ def test_train_mode_leaves_batchnorm_statistics_and_every_flag_as_they_were(fres
     H = hesse.HessianOperator(model, loss_fn, data[0], train_mode=True).to_dense()
     assert {name: m.training for name, m in model.named_modules()} == flags
     dense = dense_hessian(model, loss_fn, data[0], train_mode=True)
+    assert {name: m.training for name, m in model.named_modules()} == flags  # the reference too
     torch.testing.assert_close(H, dense, rtol=1e-10, atol=1e-12)
 
 

@@ -120,7 +120,8 @@ _OPTIMIZERS_UNDER_TEST = [
     Row(SophiaH, {"lr": 0.05, "rho": 1.0, "betas": (0.5, 0.99), "update_interval": 1,
         "generator": _gen()}, {"rho": 0.0, "update_interval": 0, "weight_decay": -0.1},
         steps=300, rtol=1e-3, id="SophiaH"),
-    Row(Shampoo, {"lr": 0.3, "momentum": 0.5, "grafting": "none", "epsilon": 1e-12},
+    Row(Shampoo, {"lr": 0.3, "momentum": 0.5, "grafting": "none", "epsilon": 1e-12,
+        "update_interval": 1},
         {"lr": -1.0, "epsilon": 0.0, "grafting": "rmsprop", "graft_betas": (0.9, 1.0)},
         steps=300, rtol=1e-3, faults=FIRST_ORDER, closure_required=False, id="Shampoo"),
     Row(KFAC, {**EXACT, "lr": 1.0, "momentum": 0.0, "damping": 1e-10, "kl_clip": None},
@@ -129,6 +130,9 @@ _OPTIMIZERS_UNDER_TEST = [
     Row(KFAC, {"generator": _gen(), "lr": 0.3, "momentum": 0.5, "damping": 1e-3},
         steps=150, rtol=1e-3, faults=FIRST_ORDER, needs_model=True, closure_required=False,
         id="KFAC-mc"),
+    Row(KFAC, {"generator": _gen(), "lr": 0.3, "momentum": 0.5, "damping": 1e-3,
+        "adapt_damping": 1}, {"adapt_damping": 0}, steps=150, rtol=1e-3, faults=FIRST_ORDER,
+        needs_model=True, closure_required=False, id="KFAC-adaptive-damping"),
     Row(KFACPreconditionedSGD, {**EXACT, "damping": 1e-10}, {"damping": 0.0},
         steps=5, faults=("grad",), needs_model=True, closure_required=False,
         id="KFACPreconditioner"),
@@ -172,7 +176,9 @@ def test_kfac_nan_statistic_discarded():
     """A NaN recorded K-FAC statistic raises; factors, generator and parameters unchanged;
     the next finite step equals that of a fresh run from the saved state."""
     model, loss_fn, X, Y, _ = make_least_squares_problem()
-    opt = KFAC(model, loss_fn, generator=_gen(), inverse_update_interval=1)
+    opt = KFAC(
+        model, loss_fn, generator=_gen(), inverse_update_interval=1, factor_update_interval=1
+    )
 
     def step(o, m, poison=False):
         o.zero_grad()
@@ -193,7 +199,9 @@ def test_kfac_nan_statistic_discarded():
     step(opt, model)
     model2 = copy.deepcopy(model)
     model2.load_state_dict(p0)
-    opt2 = KFAC(model2, loss_fn, generator=_gen(5), inverse_update_interval=1)
+    opt2 = KFAC(
+        model2, loss_fn, generator=_gen(5), inverse_update_interval=1, factor_update_interval=1
+    )
     opt2.load_state_dict(sd)
     step(opt2, model2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))

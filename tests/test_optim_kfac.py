@@ -376,9 +376,10 @@ def test_kfac_on_linear_least_squares_reaches_the_minimum():
     model = nn.Linear(3, 1).to(DT)
     X = torch.randn(40, 3, generator=g, dtype=DT)
     y = X @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=DT) + 0.3
+    loss_fn = nn.MSELoss()
     opt = KFAC(
         model,
-        nn.MSELoss(),
+        loss_fn,
         lr=1.0,
         momentum=0.0,
         damping=1e-10,
@@ -386,9 +387,114 @@ def test_kfac_on_linear_least_squares_reaches_the_minimum():
         fisher="exact",
         factor_decay=0.0,
     )
-    _run(opt, model, nn.MSELoss(), X, y, 2)
+    _run(opt, model, loss_fn, X, y, 2)
     assert torch.allclose(model.weight, torch.tensor([[1.0, -2.0, 0.5]], dtype=DT), atol=1e-7)
     assert float(model.bias.detach()) == pytest.approx(0.3, abs=1e-7)
+
+
+def _least_squares(seed=14):
+    g = _gen(seed)
+    model = nn.Linear(3, 2).to(DT)
+    X = torch.randn(40, 3, generator=g, dtype=DT)
+    y = X @ torch.randn(3, 2, generator=g, dtype=DT) + 0.3
+    return model, X, y
+
+
+@pytest.mark.parametrize("lr, direction", [(1.0, "down"), (3.0, "none")])
+def test_adaptive_damping_levenberg_marquardt_on_a_quadratic(lr, direction):
+    # one Linear layer + MSE with the exact Fisher: the loss is quadratic and K-FAC is its
+    # exact curvature, so the reduction ratio is known in closed form. With
+    # delta = -lr (K + lam I)^{-1} g: lr = 1 gives rho = 1 + lam |delta|^2 / (2 |model|) > 1
+    # (damping shrinks by omega = (20/19)^T per check); lr = 3 overshoots so far that the
+    # model itself predicts an increase: no evidence, the damping stays.
+    model, X, y = _least_squares()
+    loss_fn = nn.MSELoss()
+    T, lam0 = 2, 1e-2
+    opt = KFAC(model, loss_fn, lr=lr, momentum=0.0, damping=lam0, kl_clip=None,
+               fisher="exact", factor_decay=0.0, inverse_update_interval=1,
+               adapt_damping=T)  # fmt: skip
+    omega = (20 / 19) ** T
+    for step in range(6):
+        w = [p.detach().clone() for p in model.parameters()]
+        lam = opt.param_groups[0]["damping"]
+        opt.zero_grad()
+        before = loss_fn(model(X), y)
+        before.backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        opt.step()
+        if step % T:
+            assert opt.param_groups[0]["damping"] == lam  # checked every T steps only
+            continue
+        with torch.no_grad():
+            after = loss_fn(model(X), y)
+            before = before.detach()
+        delta = torch.cat([(p - q).reshape(-1) for p, q in zip(model.parameters(), w)])
+        # closed form of the quadratic model: the Hessian of this loss, by autograd
+        H = torch.autograd.functional.hessian(
+            lambda v: loss_fn(torch.func.functional_call(model, {
+                "weight": v[:6].reshape(2, 3), "bias": v[6:]}, (X,)), y),
+            torch.cat([q.reshape(-1) for q in w]),
+        )  # fmt: skip
+        m = g @ delta + 0.5 * (delta @ H @ delta + lam * delta @ delta)
+        if not m < 0:  # a model that predicts no decrease gives no evidence: no change
+            assert opt.last_rho is None and opt.param_groups[0]["damping"] == lam
+            continue
+        rho = float((after - before) / m)
+        assert opt.last_rho == pytest.approx(rho, rel=1e-8)
+        if direction == "down":
+            assert opt.last_rho > 1.0
+            assert opt.param_groups[0]["damping"] == pytest.approx(lam / omega, rel=1e-12)
+        else:
+            raise AssertionError(f"lr={lr}: the model predicted a decrease, rho={rho}")
+
+
+def test_adaptive_damping_grows_when_the_loss_rises_against_the_model():
+    # a Gauss-Newton step with almost no damping on a tanh MLP overshoots: the quadratic
+    # model predicts a decrease, the loss rises, rho < 0 < 1/4 and the damping grows by omega
+    model = _mlp()
+    g = _gen(3)
+    X, y = torch.randn(30, 4, generator=g, dtype=DT), torch.randn(30, 3, generator=g, dtype=DT)
+    loss_fn = nn.MSELoss()
+    opt = KFAC(model, loss_fn, lr=1.0, momentum=0.0, damping=1e-4, kl_clip=None,
+               fisher="exact", factor_decay=0.0, adapt_damping=1)  # fmt: skip
+    opt.zero_grad()
+    before = loss_fn(model(X), y)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        assert loss_fn(model(X), y) > before
+    assert opt.last_rho is not None and opt.last_rho < 0
+    assert opt.param_groups[0]["damping"] == pytest.approx(1e-4 * 20 / 19, rel=1e-12)
+
+
+def test_adaptive_damping_keeps_its_range_and_round_trips():
+    model, X, y = _least_squares()
+    loss_fn = nn.MSELoss()
+    kw = dict(lr=1.0, momentum=0.0, damping=1.02e-8, kl_clip=None, fisher="exact",
+              factor_decay=0.0, adapt_damping=1)  # fmt: skip
+    opt = KFAC(model, loss_fn, **kw)
+    _run(opt, model, loss_fn, X, y, 1)  # rho > 3/4: 1.02e-8 / omega, clamped
+    assert opt.param_groups[0]["damping"] == hesse.optim.kfac.MIN_DAMPING
+    # the adapted damping is optimizer state: a resumed run continues identically
+    model2 = copy.deepcopy(model)
+    opt2 = KFAC(model2, loss_fn, **{**kw, "damping": 1.0})
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
+    _run(opt, model, loss_fn, X, y, 2)
+    _run(opt2, model2, loss_fn, X, y, 2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_adaptive_damping_without_the_loss_call_warns_and_keeps_damping():
+    model, X, y = _least_squares()
+    opt = KFAC(model, nn.MSELoss(), damping=1e-2, adapt_damping=1, generator=_gen(0))
+    hesse._checks._warned -= {m for m in hesse._checks._warned if "damping fixed" in m}
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(X), y).backward()  # not through loss_fn
+    with pytest.warns(UserWarning, match="keeps the damping fixed"):
+        opt.step()
+    assert opt.param_groups[0]["damping"] == 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -425,6 +531,7 @@ def test_kfac_state_dict_resume_bit_identical():
         (dict(factor_decay=1.5), "factor_decay"),
         (dict(inverse_update_interval=0), "inverse_update_interval"),
         (dict(kl_clip=-1.0), "kl_clip"),
+        (dict(adapt_damping=0), "adapt_damping"),
     ],
 )
 def test_kfac_rejects_bad_hyperparameters(kwargs, match):

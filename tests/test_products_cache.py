@@ -89,3 +89,32 @@ def test_strategy_follows_graph_size():
     small, _ = _graph(8, 8)
     large, _ = _graph(2000, 64)
     assert small.batched_wins() and not large.batched_wins()
+
+
+def test_grad_graph_hvp_checks_shapes():
+    w = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    g = GradGraph(w[0] ** 3 - w[1] ** 2, [w])
+    v = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(g.hvp([v])[0], torch.tensor([6.0, -2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        g.hvp([torch.ones(3, dtype=torch.float64)])
+
+
+def test_products_import_no_sympy():
+    """Single-vector products skip torch.autograd.grad's Python checks, whose first call
+    imports torch.fx's symbolic shapes and sympy (~0.4 s of CPU at start-up)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, hesse\n"
+        "from hesse.data import default_workload\n"
+        "w = default_workload()\n"
+        "for Op in (hesse.HessianOperator, hesse.GGNOperator):\n"
+        "    A = Op(w.model, w.loss_fn, w.train)\n"
+        "    A @ torch.ones(A.shape[1])\n"
+        "heavy = ('sympy', 'torch.fx.experimental.symbolic_shapes')\n"
+        "bad = [k for k in heavy if k in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

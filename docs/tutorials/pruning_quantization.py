@@ -101,3 +101,20 @@ print(
 # %% [markdown]
 # The same pipeline, with a JSON report and plots, is one command:
 # `hesse compress --out DIR` (see `hesse compress --help`).
+#
+# ## Large models: layer-wise OBS
+#
+# The loss curvature blocks above cost per-sample Jacobians (GGN rows grow with samples x
+# outputs, `N x T x V` for a language model). For large models OBS also runs on each layer's
+# *reconstruction* Hessian `H = 2 X^T X` of its calibration inputs, collected by forward hooks
+# (the same `H` as `quantize(method="obs")`): `prune(model, None, data, 0.5, method="obs",
+# curvature="layerwise", scope="layer")` (SparseGPT, Frantar & Alistarh 2023; the per-layer
+# solver is `prune_layer_obs`). It minimises every layer's output error on the calibration data,
+# not the loss, so it prunes each layer to the sparsity (no global ranking). A weight tied
+# between an embedding and the output layer is compressed once, with the relative output
+# errors of both uses (`layer_inputs_hessian`).
+#
+# On the shipped language model, `hesse compress --workload lm --out DIR` quantizes every
+# Linear layer and the tied embedding to 4 and 3 bits and prunes them to 50% per layer
+# (magnitude vs layer-wise OBS), calibrated on 128 training windows, and reports the test
+# perplexity of each against the float model (`benchmarks/README.md` has the table).

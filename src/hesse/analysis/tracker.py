@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_positive, warn_once
 from ..func import GradGraph
+from ..objective import math_attention
 from ..operators.base import LinearOperator
 from ..operators.curvature import HessianOperator
 from ..operators.factory import CURVATURES, curvature_operator
@@ -70,6 +71,8 @@ class SharpnessRecord:
         lambda_min: smallest eigenvalue (``track_lambda_min=True``); negative means the
             parameters are near a saddle or a non-convex region.
         seconds: wall time of the check.
+        error_bound: the eigenvalue run's bound on ``|lambda_max - lambda|`` (see
+            :func:`hesse.top_eigenpairs`; ``<= tol * |lambda_max|`` when converged).
     """
 
     step: int
@@ -84,6 +87,7 @@ class SharpnessRecord:
     precond_ratio: float | None = None
     lambda_min: float | None = None
     seconds: float = 0.0
+    error_bound: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Flat ``name -> number`` dict (per-layer values as ``lambda_max/<layer>``)."""
@@ -174,6 +178,77 @@ def adam_preconditioner(
 _ADAPTIVE = ("adam", "adamw", "rmsprop", "adagrad")
 
 
+# The gap-refined estimate r^2 / gap needs a few Ritz values to see the gap: with two, on
+# the tests' MLP, it certified errors of 2.3x tol (the residual bound r is used until then).
+_MIN_GAP_STEPS = 3
+
+
+def _warm_start(
+    op: LinearOperator,
+    v0: Tensor,
+    tol: float,
+    sign: float = 1.0,
+    max_steps: int = 8,
+    matvec: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[float, Tensor, int, float, bool]:
+    """Lanczos from ``v0`` (at most ``max_steps`` products) with a lean stopping test.
+
+    For the largest eigenvalue of ``sign * op``, after every product ``j``: the Ritz pairs of
+    ``span{v0, A v0, ...}`` (full reorthogonalisation, the projected ``j x j`` matrix from
+    the stored products) and the true residuals ``r`` of the top two (from the stored
+    products). Stop when the error bound ``min(r, r^2 / gap) <= tol |theta|`` and the next
+    Ritz value's interval ``theta_2 +- r_2`` is clear of ``theta`` minus the bound: the rule
+    of :func:`hesse.top_eigenpairs` (``k = 1``, ``criterion="eigenvalue"``, floored at
+    ``50 eps |theta|``), with a more cautious ``gap`` measured to the top of that interval
+    (``theta - theta_2 - r_2``) rather than to ``theta_2``. ``r`` alone is rigorous (an
+    eigenvalue lies within ``r`` of ``theta``); ``r^2 / gap`` is the standard estimate and
+    can be optimistic while the Ritz gap overstates the true one (from poor starts; the
+    tracker starts from the previous check's top eigenvector). Like any Krylov method it
+    cannot see a direction the start vector lacks. A few tensor ops per product instead of
+    ~1 ms of general Lanczos bookkeeping on a small model. ``matvec`` (default
+    ``op.matvec``) computes the products.
+
+    Returns:
+        ``(eigenvalue of op, unit Ritz vector, products, error bound, certified)``; when not
+        certified, the best Ritz vector to continue from.
+    """
+    matvec = op.matvec if matvec is None else matvec
+    rtol = max(tol, 50 * torch.finfo(op.dtype).eps)
+    n = op.shape[0]
+    V = torch.empty((n, max_steps), dtype=op.dtype, device=op.device)
+    W = torch.empty_like(V)
+    q = v0 / torch.linalg.vector_norm(v0)
+    for j in range(1, min(max_steps, n) + 1):
+        V[:, j - 1] = q
+        W[:, j - 1] = sign * matvec(q)
+        Vj, Wj = V[:, :j], W[:, :j]
+        T = Vj.T @ Wj
+        theta, Y = torch.linalg.eigh(0.5 * (T + T.T))  # ascending
+        top = Y[:, -2:] if j > 1 else Y
+        R = Wj @ top - (Vj @ top) * theta[-top.shape[1] :]
+        res = torch.linalg.vector_norm(R, dim=0)
+        vals = torch.cat([theta[-top.shape[1] :], res]).tolist()
+        hi, r_hi = vals[top.shape[1] - 1], vals[-1]
+        bound = r_hi
+        if j > 1:
+            lo, r_lo = vals[0], vals[2]
+            gap = hi - (lo + r_lo)
+            if gap > 0 and j >= _MIN_GAP_STEPS:
+                bound = min(r_hi, r_hi * r_hi / gap)
+        ok = bound <= rtol * abs(hi) and (j == 1 or lo + r_lo < hi - bound)
+        if ok or j == min(max_steps, n):
+            u = Vj @ Y[:, -1]
+            return sign * hi, u / torch.linalg.vector_norm(u), j, bound, ok
+        r = Wj[:, -1] - Vj @ (Vj.T @ Wj[:, -1])  # next direction, twice orthogonalised
+        r = r - Vj @ (Vj.T @ r)
+        nr = torch.linalg.vector_norm(r)
+        if float(nr) == 0.0:  # invariant subspace: the Ritz pair is exact
+            u = Vj @ Y[:, -1]
+            return sign * hi, u / torch.linalg.vector_norm(u), j, 0.0, True
+        q = r / nr
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class SharpnessTracker:
     """Measure ``lambda_max`` every ``every`` optimizer steps, warm-started; log the
     edge-of-stability ratio ``lr * lambda_max / 2``.
@@ -187,9 +262,17 @@ class SharpnessTracker:
             tracker.step()
         tracker.to_csv("sharpness.csv"); tracker.plot("sharpness.png")
 
-    Each check runs :func:`hesse.top_eigenpairs` (Lanczos) on the curvature of the fixed
-    measurement batch, started from the previous top eigenvector (``v0``): after the first
-    check it typically converges to ``tol`` in a few products. With ``per_layer=True`` the
+    Full-batch training on the measurement batch can let the checks share the training
+    step's graph (no rebuild; see :meth:`backward`)::
+
+        for _ in range(steps):
+            opt.zero_grad(); tracker.backward(); opt.step(); tracker.step()
+
+    The first check runs :func:`hesse.top_eigenpairs` (Lanczos) on the curvature of the fixed
+    measurement batch; later ones a lean Lanczos started from the previous top eigenvector
+    (certified by the residual bound, or the gap-refined estimate once three Ritz values
+    show the gap; it falls back to :func:`hesse.top_eigenpairs`), typically 3 products.
+    Each record carries its ``error_bound`` and ``converged``. With ``per_layer=True`` the
     top eigenvalue of each layer's diagonal block is measured too (warm-started per layer);
     with an adaptive optimizer (Adam/AdamW/RMSprop/Adagrad) the preconditioned sharpness
     ``lambda_max(P^{-1} H)`` and its ratio to the optimizer's stability threshold (see
@@ -303,6 +386,8 @@ class SharpnessTracker:
         self._v_min: Tensor | None = None
         self._above = False
         self._above_pre = False
+        self._shared = False
+        self._chunks: list | None = None
 
     # -- configuration ------------------------------------------------------------------
     def _resolve_preconditioner(self, preconditioned: Any):
@@ -340,31 +425,157 @@ class SharpnessTracker:
     def step(self) -> SharpnessRecord | None:
         """Count one optimizer step; run a check every ``every`` steps.
 
+        After :meth:`backward` has been used, the checks run inside :meth:`backward` and
+        this only counts.
+
         Returns:
             The new :class:`SharpnessRecord` if a check ran, else ``None``.
         """
         self.num_steps += 1
-        if self.num_steps % self.every == 0:
+        if not self._shared and self.num_steps % self.every == 0:
             return self.measure()
         return None
 
-    def _eig(self, op: LinearOperator, v0: Tensor | None, which: str = "largest"):
+    def _shareable(self) -> bool:
+        """The training gradient on the measurement batch is the graph a check needs: exact
+        Hessian by a cached double backward, one chunk, no mode-dependent layers."""
+        op = self.operator
+        ob = op.objective
+        return (
+            isinstance(op, HessianOperator)
+            and op.mode == "rev-rev"
+            and op.cache_graph
+            and ob.num_batches == 1
+            and ob.micro_batch_size is None
+            and not ob.distributed
+            and not ob._has_dropout
+            and not ob._bn
+        )
+
+    def backward(self) -> Tensor:
+        """Training gradient of the loss on the measurement batch, accumulated into ``.grad``
+        of the model's trainable parameters; returns the (detached) loss.
+
+        For full-batch training on the measurement batch, call it in place of
+        ``loss_fn(model(X), y).backward()``; a check then shares the step's graph::
+
+            for _ in range(steps):
+                opt.zero_grad(); tracker.backward(); opt.step(); tracker.step()
+
+        At steps ``0, every, 2 * every, ...`` (optimizer steps taken so far) the gradient is
+        built with ``create_graph=True``, handed to the optimizer, and the check runs on that
+        graph before the step, so a check costs its products and the difference between a
+        ``create_graph`` backward and a plain one (no second forward and backward to rebuild
+        the graph). The checks see the same parameters as :meth:`step`'s would (after
+        ``0, every, ...`` steps); the one after the last step needs a :meth:`measure` call.
+
+        Where the graph cannot be shared (another curvature, several chunks or batches,
+        Dropout or BatchNorm, whose gradients depend on the mode), this is a plain backward
+        over the measurement data (exact weights) and :meth:`step` runs the checks as usual.
+        """
+        ob = self.operator.objective
+        share = self._shareable()
+        self._shared = share
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        chunks = self._chunks if self._chunks is not None else list(ob.batches())
+        if len(chunks) == 1:
+            self._chunks = chunks  # one fixed batch (the objective checked it is the same)
+        if len(chunks) == 1 and self.loss_fn is not None:
+            # one batch: the user's own loss (the objective's, up to rounding), no weighting
+
+            def loss_of(X: Any, y: Tensor, w: float) -> Tensor:
+                return self.loss_fn(ob.forward(X), y)
+        else:
+
+            def loss_of(X: Any, y: Tensor, w: float) -> Tensor:
+                return ob.batch_loss(ob.forward(X), y, w, check=False)
+
+        with torch.enable_grad():
+            if not (share and self.num_steps % self.every == 0):
+                total = None
+                for X, y, w in chunks:  # exact weights over batches and chunks
+                    loss = loss_of(X, y, w)
+                    loss.backward()
+                    total = loss.detach() if total is None else total + loss.detach()
+                return total
+            ((X, y, w),) = chunks
+            with math_attention():
+                loss = loss_of(X, y, w)
+                grads = torch.autograd.grad(loss, trainable, create_graph=True, allow_unused=True)
+        by_id = dict(zip(map(id, trainable), grads))
+        op = self.operator
+        op._cache = [GradGraph(loss, self._params, [by_id.get(id(p)) for p in self._params])]
+        op._key = ob.state_key()
+        self.measure()
+        for p, g in zip(trainable, grads):
+            if g is None:
+                continue
+            g = g.detach()
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+        return loss.detach()
+
+    def _eig(
+        self, op: LinearOperator, v0: Tensor | None, which: str = "largest"
+    ) -> tuple[float, Tensor, int, float, bool]:
+        """``(eigenvalue, eigenvector, products, error bound, converged)`` of the end ``which``
+        of ``op``:
+        the lean warm start when it certifies, else :func:`hesse.top_eigenpairs`."""
         from ..linalg.eigen import top_eigenpairs
 
+        used = 0
+        if v0 is not None:
+            sign = -1.0 if which == "smallest" else 1.0
+            warm = _warm_start(op, v0, self.tol, sign, matvec=self._matvec(op))
+            if warm[4]:
+                return warm
+            v0, used = warm[1], warm[2]  # continue from the best Ritz vector
         kw = {} if self.num_matvecs_budget is None else {"num_matvecs": self.num_matvecs_budget}
-        return top_eigenpairs(
+        res = top_eigenpairs(
             op, k=1, which=which, tol=self.tol, v0=v0, generator=self.generator, **kw
         )
+        return (
+            float(res.eigenvalues[0]),
+            res.eigenvectors[:, 0],
+            used + res.num_matvecs,
+            float(res.error_bounds[0]),
+            bool(res.converged),
+        )
+
+    def _matvec(self, op: LinearOperator) -> Callable[[Tensor], Tensor]:
+        """``op.matvec``; for the tracked Hessian on one chunk, products straight on its
+        cached graph (current for this check: the parameters do not change during it),
+        without the operator's per-product checks (~0.2 ms each on the digits MLP)."""
+        ob = getattr(op, "objective", None)
+        if not (
+            op is self.operator
+            and isinstance(op, HessianOperator)
+            and op.mode == "rev-rev"
+            and op.cache_graph
+            and ob.regularizer is None
+            and not ob.distributed
+        ):
+            return op.matvec
+        caches = op._batch_caches()
+        if len(caches) != 1:
+            return op.matvec
+        graph, sizes, shapes, wd = caches[0], ob.sizes, ob.shapes, ob.weight_decay
+
+        def matvec(v: Tensor) -> Tensor:
+            op.num_matvecs += 1
+            res = graph.hvp([t.view(s) for t, s in zip(v.split(sizes), shapes)])
+            out = torch.cat([r.reshape(-1) for r in res])
+            return out + wd * v if wd else out
+
+        return matvec
 
     def measure(self) -> SharpnessRecord:
         """Run a check now (at the current step count) and append it to :attr:`history`."""
         t0 = time.perf_counter()
         op = self.operator
-        res = self._eig(op, self._v)
-        self._v = res.eigenvectors[:, 0]
-        lam = float(res.eigenvalues[0])
-        used = res.num_matvecs
-        converged = bool(res.converged)
+        lam, self._v, used, bound, converged = self._eig(op, self._v)
 
         layers = None
         if self._layer_ops:
@@ -375,11 +586,11 @@ class SharpnessTracker:
                     layers[name] = float(block.matvec(v)[0])
                     used += 1
                     continue
-                r = self._eig(block, self._v_layers.get(name))
-                self._v_layers[name] = r.eigenvectors[:, 0]
-                layers[name] = float(r.eigenvalues[0])
-                used += r.num_matvecs
-                converged &= bool(r.converged)
+                layers[name], self._v_layers[name], m, _, ok = self._eig(
+                    block, self._v_layers.get(name)
+                )
+                used += m
+                converged &= ok
 
         pre_lam = pre_ratio = None
         if self._precond is not None:
@@ -393,20 +604,16 @@ class SharpnessTracker:
             if got is not None:
                 P, lr_p, factor = got
                 scaled = _SymmetricScaled(op, P.to(op.dtype).rsqrt())
-                r = self._eig(scaled, self._v_pre)
-                self._v_pre = r.eigenvectors[:, 0]
-                pre_lam = float(r.eigenvalues[0])
+                pre_lam, self._v_pre, m, _, ok = self._eig(scaled, self._v_pre)
                 pre_ratio = lr_p * pre_lam / factor
-                used += r.num_matvecs
-                converged &= bool(r.converged)
+                used += m
+                converged &= ok
 
         lam_min = None
         if self.track_lambda_min:
-            r = self._eig(op, self._v_min, which="smallest")
-            self._v_min = r.eigenvectors[:, 0]
-            lam_min = float(r.eigenvalues[0])
-            used += r.num_matvecs
-            converged &= bool(r.converged)
+            lam_min, self._v_min, m, _, ok = self._eig(op, self._v_min, which="smallest")
+            used += m
+            converged &= ok
 
         lr = self.current_lr()
         ratio = None if lr is None else lr * lam / 2.0
@@ -424,6 +631,7 @@ class SharpnessTracker:
             precond_ratio=pre_ratio,
             lambda_min=lam_min,
             seconds=time.perf_counter() - t0,
+            error_bound=bound,
         )
         self.history.append(rec)
         self._check_crossing(rec)

@@ -1,6 +1,8 @@
 """``hesse compress``: pruning and quantization report (:func:`hesse.compress.compression_report`).
 
-With no ``--model`` it trains a small ReLU MLP on digits (``--widths``, default 64-128-10).
+With no ``--model`` it trains a small ReLU MLP on digits (``--widths``, default 64-128-10);
+``--workload lm`` compresses the shipped language model (every Linear layer and the tied
+embedding / output layer), calibrated on training windows, and reports test perplexity.
 Every option is checked before any work starts.
 """
 
@@ -28,6 +30,28 @@ __all__ = ["add_parser"]
 FILES = ("compress.json", "compress.md", "compress.png")
 PRUNE_METHODS = ("magnitude", "obd", "obs")
 QUANT_METHODS = ("rtn", "obs")
+PRUNE_CURVATURES = ("ggn", "fisher", "layerwise")
+# defaults per workload (--model uses the digits column)
+DEFAULTS = {
+    "digits": dict(
+        sparsity="0.5,0.7,0.8,0.9",
+        prune_methods="magnitude,obd,obs",
+        bits="2,3,4,8",
+        average_bits="3",
+        scope="global",
+        prune_curvature="ggn",
+    ),
+    # GPTQ/SparseGPT setting: 4/3 bits, 50% per layer with the layer-wise Hessian; no
+    # HAWQ mixed precision (its Hutchinson traces of the LM's Hessian take minutes)
+    "lm": dict(
+        sparsity="0.5",
+        prune_methods="magnitude,obs",
+        bits="4,3",
+        average_bits="",
+        scope="layer",
+        prune_curvature="layerwise",
+    ),
+}
 
 
 def _floats(text: str, opt: str) -> list[float]:
@@ -53,9 +77,11 @@ def add_parser(subparsers: Any, name: str = "compress") -> None:
         description=(
             "Prune a model one-shot at several sparsities (OBS, OBD, magnitude) and quantize it "
             "at several bit widths (layer-wise second-order OBS/GPTQ vs round-to-nearest, and "
-            "mixed precision from HAWQ-v2 sensitivity), then measure test accuracy and loss. "
-            "With no --model it trains a small ReLU MLP on digits. Writes compress.json, "
-            "compress.md and compress.png to --out."
+            "mixed precision from HAWQ-v2 sensitivity), then measure test accuracy (perplexity "
+            "for --workload lm) and loss. With no --model it trains a small ReLU MLP on "
+            "digits; --workload lm compresses the shipped language model (all Linear layers and "
+            "the tied embedding/output layer), calibrated on --calib training windows. Writes "
+            "compress.json, compress.md and compress.png to --out."
         ),
     )
     add_model_options(p, test_data=True)
@@ -63,24 +89,48 @@ def add_parser(subparsers: Any, name: str = "compress") -> None:
     g.add_argument("--widths", default="64,128,10", help="digits MLP layer widths")
     g.add_argument("--activation", default="relu", help="digits MLP activation")
     g.add_argument("--steps", type=int, default=300, help="full-batch Adam training steps")
-    g = p.add_argument_group("compression")
-    g.add_argument("--sparsity", default="0.5,0.7,0.8,0.9", help="pruning levels (fractions)")
-    g.add_argument("--prune-methods", default="magnitude,obd,obs", help="pruning methods")
+    g.add_argument(
+        "--calib",
+        type=int,
+        default=128,
+        help="--workload lm: training windows (64 characters each) for calibration",
+    )
+    g.add_argument(
+        "--test-windows",
+        type=int,
+        help="--workload lm: held-out windows for the test perplexity (default: all 640)",
+    )
+    g = p.add_argument_group("compression (defaults: digits / --workload lm)")
+    g.add_argument("--sparsity", help="pruning levels (fractions) (default: 0.5,0.7,0.8,0.9 / 0.5)")
+    g.add_argument(
+        "--prune-methods", help="pruning methods (default: magnitude,obd,obs / magnitude,obs)"
+    )
+    g.add_argument(
+        "--prune-curvature",
+        choices=PRUNE_CURVATURES,
+        help="OBS curvature: exact GGN or empirical Fisher blocks of the loss, or each "
+        "layer's output reconstruction Hessian 2 X^T X (SparseGPT; needs --scope layer) "
+        "(default: ggn / layerwise)",
+    )
     g.add_argument(
         "--scope",
         choices=["global", "layer"],
-        default="global",
-        help="prune to the sparsity over all layers at once, or in every layer",
+        help="prune to the sparsity over all layers at once, or in every layer "
+        "(default: global / layer)",
     )
-    g.add_argument("--bits", default="2,3,4,8", help="uniform bit widths")
+    g.add_argument("--bits", help="uniform bit widths (default: 2,3,4,8 / 4,3)")
     g.add_argument("--quant-methods", default="rtn,obs", help="quantization methods")
     g.add_argument(
         "--average-bits",
-        default="3",
         help="mixed-precision budgets in bits per weight, each >= the smallest of --bits "
-        "('' to skip; default: 3)",
+        "('' to skip) (default: 3 / '')",
     )
-    g.add_argument("--block-size", type=int, default=128, help="OBS pruning block size")
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=128,
+        help="OBS pruning block size (entries; columns per lazy block for layerwise)",
+    )
     add_runtime_options(p)
     add_output_options(p, "hesse-compress")
     p.set_defaults(func=_run)
@@ -88,6 +138,10 @@ def add_parser(subparsers: Any, name: str = "compress") -> None:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """Every option parsed and cross-checked (before any model is built)."""
+    kind = "lm" if args.model is None and args.workload == "lm" else "digits"
+    for k, v in DEFAULTS[kind].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     sparsities = _floats(args.sparsity, "sparsity")
     bad = [s for s in sparsities if not 0 <= s < 1]
     if bad:
@@ -118,19 +172,31 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(
             f"--widths must start with 64 and end with 10 for digits, got {args.widths!r}."
         )
-    if args.model is None and (args.workload or "digits") != "digits":
-        raise UsageError(
-            "hesse compress: only --workload digits has a default here; "
-            "pass --model/--data for another model."
-        )
+    if args.calib < 1:
+        raise UsageError(f"--calib must be >= 1, got {args.calib}.")
+    if args.test_windows is not None and args.test_windows < 1:
+        raise UsageError(f"--test-windows must be >= 1, got {args.test_windows}.")
+    prune_methods = _names(args.prune_methods, "prune-methods", PRUNE_METHODS)
+    if args.prune_curvature == "layerwise":
+        if "obd" in prune_methods:
+            raise UsageError(
+                "--prune-curvature layerwise is an OBS option; drop obd from --prune-methods "
+                "or pick --prune-curvature ggn/fisher."
+            )
+        if args.scope != "layer":
+            raise UsageError(
+                "--prune-curvature layerwise needs --scope layer (layer-wise reconstruction "
+                "errors are not comparable across layers)."
+            )
     return dict(
         sparsities=sparsities,
-        prune_methods=_names(args.prune_methods, "prune-methods", PRUNE_METHODS),
+        prune_methods=prune_methods,
         bits=bits,
         quant_methods=_names(args.quant_methods, "quant-methods", QUANT_METHODS),
         average_bits=average,
         scope=args.scope,
-        prune_kwargs={"block_size": args.block_size},
+        prune_kwargs={"block_size": args.block_size, "curvature": args.prune_curvature},
+        metric="perplexity" if kind == "lm" else "accuracy",
         widths=widths,
     )
 
@@ -150,7 +216,9 @@ def _run(args: argparse.Namespace) -> int:
     kw = _settings(args)
     widths = kw.pop("widths")
     out = OutputDir(args.out, FILES, overwrite=args.overwrite)
-    if args.model is None:
+    if args.model is None and args.workload == "lm":
+        loaded = load_model_and_data(args, device, num_train=args.calib, num_test=args.test_windows)
+    elif args.model is None:
         if args.activation not in ("tanh", "relu", "gelu", "sigmoid"):
             raise UsageError(
                 f"--activation {args.activation!r}: expected tanh, relu, gelu or sigmoid."

@@ -11,13 +11,20 @@ Example:
     >>> alloc = allocate_bits(sens, average_bits=4.0)                    # doctest: +SKIP
     >>> quantize(w.model, w.train, alloc.bits, method="obs").layer_error  # doctest: +SKIP
 
-On the command line: ``hesse compress --out DIR`` (see :func:`compression_report`).
+Large models (SparseGPT-style, each layer's reconstruction Hessian ``2 X^T X`` from forward
+hooks, no loss curvature): ``prune(model, None, calib, 0.5, curvature="layerwise",
+scope="layer")``.
+
+On the command line: ``hesse compress --out DIR`` (see :func:`compression_report`);
+``hesse compress --workload lm`` for the shipped language model (test perplexity).
 """
 
-from .prune import PruneMethod, prune, sparsity_of
+from .prune import PruneMethod, prune, prune_layer_obs, sparsity_of
 from .quantize import (
     QuantizeResult,
     QuantMethod,
+    inverse_cholesky,
+    layer_hessians,
     layer_inputs_hessian,
     quantization_grid,
     quantize,
@@ -53,6 +60,8 @@ __all__ = [
     "QuantizeResult",
     "SensitivityResult",
     "allocate_bits",
+    "inverse_cholesky",
+    "layer_hessians",
     "layer_inputs_hessian",
     "layer_sensitivity",
     "quantization_grid",
@@ -69,5 +78,6 @@ __all__ = [
     "obs_saliency",
     "obs_single_update",
     "prune",
+    "prune_layer_obs",
     "sparsity_of",
 ]

@@ -4,6 +4,11 @@ r"""Pruning with curvature: OBS, OBD and magnitude, global or per layer, weights
 the model: it attaches the masks the way ``torch.nn.utils.prune`` does (``weight_orig``
 parameter + ``weight_mask`` buffer, re-applied before every forward), so the removed weights
 stay zero through fine-tuning.
+
+For large models OBS also runs on the layer-wise reconstruction Hessian ``H = 2 X^T X`` of each
+layer's calibration inputs (``curvature="layerwise"``, :func:`prune_layer_obs`; SparseGPT,
+Frantar & Alistarh 2023): no loss curvature and no per-sample gradients, one Cholesky per
+layer.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
-from .._checks import check_choice, check_int, check_positive
+from .._checks import check_choice, check_finite, check_int, check_positive
+from .quantize import _as_matrix, _from_matrix, _inputs_of, inverse_cholesky, layer_hessians
 from .saliency import (
     CURVATURES,
     WeightRef,
@@ -36,7 +42,7 @@ from .saliency import (
     woodbury_masked_update,
 )
 
-__all__ = ["PruneMethod", "prune", "sparsity_of", "apply_mask"]
+__all__ = ["PruneMethod", "prune", "prune_layer_obs", "sparsity_of", "apply_mask"]
 
 WOODBURY_MIN = 4096  # whole-layer blocks larger than this use the Woodbury form by default
 
@@ -137,6 +143,117 @@ def _remove(mask: Tensor, units: Tensor, structured: bool) -> Tensor:
     return m
 
 
+def prune_layer_obs(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    *,
+    mask: Tensor | None = None,
+    damping: float = 0.01,
+    block_size: int | None = 128,
+) -> tuple[Tensor, Tensor]:
+    r"""Layer-wise OBS pruning of ``W (rows, d_in)`` for the input Hessian ``H`` (SparseGPT).
+
+    Minimises the layer's output reconstruction error on its calibration inputs ``X``
+    (``H = 2 X^T X``, damped to :math:`H_\lambda = H + \lambda I`,
+    :math:`\lambda` = ``damping * mean(diag H)``), not the loss:
+
+    .. math::
+        \min_{M, \hat W} \operatorname{tr}\big((W - \hat W) H_\lambda (W - \hat W)^\top\big)
+        \quad\text{s.t.}\quad \hat W_{r,q} = 0 \text{ off } M,\;
+        \text{a fraction } \texttt{sparsity} \text{ of every row off } M.
+
+    1. **Mask** (Frantar & Alistarh 2023): one pass over the columns with the upper Cholesky
+       factor :math:`U` of :math:`H_\lambda^{-1}` (:func:`inverse_cholesky`), in blocks of
+       ``block_size`` columns. At the start of a block every row removes its share of the
+       block's columns with the smallest OBS saliency :math:`w_q^2 / U_{qq}^2`
+       (:math:`U_{qq}^2 = [(H_{\geq q,\geq q})^{-1}]_{qq}`: the columns before ``q`` are
+       fixed); each column is then eliminated with the OBS correction
+       :math:`\delta = -\frac{w_q}{U_{qq}} U_{q,>q}` into the later columns of the block, and
+       the block's accumulated corrections reach the later blocks in one matrix product
+       (lazy updates).
+    2. **Weights**: for the chosen mask each row's kept weights are set to the exact
+       least-squares optimum :math:`\hat w_F = (H_{FF})^{-1} (H w)_F`
+       (:func:`~hesse.compress.saliency.obs_masked_update`), which the sequential pass only
+       approximates (it never moves a column after its turn).
+
+    Args:
+        W: weights, rows = output channels (float64 internally).
+        H: ``(d_in, d_in)`` input second moment ``X^T X`` (any positive scale; PSD).
+        sparsity: fraction of each row to remove, in ``[0, 1)``; rows of ``mask`` that are
+            already sparser keep their zeros.
+        mask: weights already removed (False), kept removed; default none.
+        damping: relative damping of ``H`` (> 0).
+        block_size: columns per lazy block and mask-selection step (``None``: the whole row
+            is ranked once, at the start).
+
+    Returns:
+        ``(weights, mask)``: float64 weights (exactly zero off the mask) and the bool mask
+        (True = kept), both of ``W``'s shape.
+
+    Cost: one ``d_in^3`` Cholesky, ``rows * d_in^2`` for the pass, and ``rows * d_in^3 / 3``
+    for the exact per-row solve (memory ``rows_chunk * d_in^2``).
+
+    References:
+        Frantar & Alistarh (2023), SparseGPT: Massive Language Models Can Be Accurately
+        Pruned in One-Shot. Frantar & Alistarh (2022), Optimal Brain Compression. Hassibi &
+        Stork (1993), Optimal Brain Surgeon.
+    """
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float))
+        or not (0.0 <= sparsity < 1.0)
+    ):
+        raise ValueError(f"Invalid sparsity={sparsity!r}; must lie in [0, 1).")
+    damping = check_positive(damping, "damping")
+    W = W.detach().double()
+    H = H.detach().double().clone()
+    rows, d = W.shape
+    if H.shape != (d, d):
+        raise ValueError(
+            f"Shape mismatch: H must be ({d}, {d}) for W {tuple(W.shape)}, got {tuple(H.shape)}."
+        )
+    step = d if block_size is None else check_int(block_size, "block_size")
+    keep = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.to(W.device).bool()
+    W0 = W * keep
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    H += damping * torch.diagonal(H).mean() * torch.eye(d, dtype=H.dtype, device=H.device)
+    U = inverse_cholesky(H)
+    Wk = W0.clone()
+    Wk[:, dead] = 0.0  # inputs that are always zero: their weights do nothing
+    # every row ends with at least round(sparsity * d) zeros (more if it had more already)
+    target = torch.clamp_min(
+        torch.full((rows,), round(sparsity * d), device=W.device), (~keep).sum(1)
+    )
+    done = torch.zeros(rows, dtype=torch.long, device=W.device)
+    for i1 in range(0, d, step):
+        i2 = min(i1 + step, d)
+        W1, U1 = Wk[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        sal = W1.pow(2) / torch.diagonal(U1).pow(2)
+        old = ~keep[:, i1:i2]
+        sal[old] = -float("inf")  # already removed: first in line
+        quota = torch.div(target * i2 + d // 2, d, rounding_mode="floor") - done
+        quota = torch.maximum(quota.clamp(0, i2 - i1), old.sum(1))
+        rank = torch.argsort(torch.argsort(sal, dim=1, stable=True), dim=1)
+        drop = rank < quota.unsqueeze(1)
+        keep[:, i1:i2] = ~drop
+        done += drop.sum(1)
+        E = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            err = torch.where(drop[:, i], W1[:, i], torch.zeros_like(W1[:, i])) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E[:, i] = err
+        Wk[:, i1:i2] = W1
+        Wk[:, i2:] -= E @ U[i1:i2, i2:]
+    out = torch.empty_like(W0)
+    chunk = max(1, 2**24 // (d * d))  # rows per batched solve (~128 MiB of float64 blocks)
+    for r in range(0, rows, chunk):
+        sl = slice(r, r + chunk)
+        out[sl] = obs_masked_update(W0[sl], H.expand(W0[sl].shape[0], d, d), keep[sl])
+    return out, keep
+
+
 def prune(
     model: nn.Module,
     loss_fn: Callable | None = None,
@@ -171,6 +288,17 @@ def prune(
     block), damped by ``damping * mean(diag)``. Saliencies are loss increases of one
     objective, so a global ranking across layers is meaningful.
 
+    ``curvature="layerwise"`` (OBS only, ``scope="layer"``) is the fast path for large
+    models: instead of the loss curvature, each layer's output reconstruction Hessian
+    ``H = 2 X^T X`` of its calibration inputs (:func:`~hesse.compress.layer_inputs_hessian`,
+    collected by forward hooks), and :func:`prune_layer_obs` (SparseGPT: a row-wise OBS pass
+    with the Cholesky factor of ``H^-1`` in lazy blocks of ``block_size`` columns, then the
+    exact least-squares weights for the chosen mask). It minimises each layer's output
+    error on the calibration data, not the loss, so saliencies of different layers are not
+    comparable (no global ranking). Layers are pruned in order, each seeing the inputs the
+    already-pruned layers produce; ``loss_fn``, ``num_steps``, ``recompute``, ``woodbury``
+    and ``chunk_size`` are not used.
+
     Cost (OBS): building the blocks is ``N C n s`` multiply-adds (``N`` samples, ``C``
     outputs, ``n`` weights, ``s`` block size); each step factors the ``n / s`` blocks
     (``n s^2``). Memory ``n s``. Biases and normalisation layers are never pruned.
@@ -187,8 +315,10 @@ def prune(
             channels; OBS then uses the group saliency
             :math:`\tfrac12 w_Q^\top ([H^{-1}]_{QQ})^{-1} w_Q` and needs ``block_size`` of at
             least one row).
-        curvature: ``"ggn"`` or ``"fisher"`` for OBS; OBD also takes ``"hessian"``.
-        block_size: OBS block size (entries); ``None`` for whole-layer blocks.
+        curvature: ``"ggn"``, ``"fisher"`` or ``"layerwise"`` for OBS; OBD also takes
+            ``"hessian"``.
+        block_size: OBS block size (entries); ``None`` for whole-layer blocks. With
+            ``curvature="layerwise"``: columns per lazy block (``None``: all at once).
         num_steps: OBS rounds.
         damping: relative damping of the OBS blocks (> 0).
         recompute: rebuild the curvature at the current weights before every OBS round.
@@ -236,7 +366,24 @@ def prune(
     num_steps = check_int(num_steps, "num_steps")
     damping = check_positive(damping, "damping")
     if method == "obs":
-        check_choice(curvature, "curvature", CURVATURES)
+        check_choice(curvature, "curvature", (*CURVATURES, "layerwise"))
+    if method == "obd" and curvature == "layerwise":
+        raise ValueError(
+            "curvature='layerwise' is an option of method='obs' (OBD takes 'ggn', 'fisher' or "
+            "'hessian')."
+        )
+    layerwise = method == "obs" and curvature == "layerwise"  # magnitude ignores curvature
+    if layerwise and scope != "layer":
+        raise ValueError(
+            "curvature='layerwise' ranks weights by each layer's own output error, which is "
+            "not comparable across layers; pass scope='layer' (every layer pruned to "
+            "the sparsity)."
+        )
+    if layerwise and structured:
+        raise NotImplementedError(
+            "curvature='layerwise' prunes single weights; structured='rows' needs a loss "
+            "curvature ('ggn' or 'fisher')."
+        )
     unknown = set(obd_kwargs) - {"exact_max", "num_matvecs", "generator"}
     if unknown or (obd_kwargs and method != "obd"):
         raise TypeError(
@@ -262,6 +409,22 @@ def prune(
         for r in refs:
             masks[r.name] = _remove(masks[r.name], chosen[r.name], structured)
             apply_mask(r, masks[r.name])
+        return {r.name: r.module.weight_mask.detach().clone() for r in refs}
+
+    if layerwise:
+        for r, H in layer_hessians(model, refs, _inputs_of(data)):
+            W = check_finite(_as_matrix(r), f"the weights of {r.name}")
+            check_finite(H, f"the calibration inputs of {r.name}")
+            Wn, keep = prune_layer_obs(
+                W,
+                H,
+                sparsity,
+                mask=_as_matrix(r, masks[r.name]),
+                damping=damping,
+                block_size=block_size,
+            )
+            new = _from_matrix(r, Wn).to(r.param.dtype)
+            apply_mask(r, _from_matrix(r, keep), new_weight=new)
         return {r.name: r.module.weight_mask.detach().clone() for r in refs}
 
     return _prune_obs(

@@ -20,7 +20,7 @@ are the rows of :math:`U`, so the whole pass is one Cholesky and ``d_in`` rank-1
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "quantize_obs",
     "quantization_grid",
     "layer_inputs_hessian",
+    "layer_hessians",
 ]
 
 
@@ -102,6 +103,22 @@ def quantize_rtn(W: Tensor, bits: int, *, grid: str = "minmax", num_grid: int = 
         [_q(W, *quantization_grid(W, bits, float(s))) for s in _shrinks(grid, num_grid, W.dtype)]
     )
     return _best_per_row(W, Qs, None)
+
+
+def inverse_cholesky(H: Tensor) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``; ``H`` positive definite).
+
+    Row ``i`` of ``U`` divided by ``U_ii`` is the OBS correction of eliminating column ``i``
+    into the columns after it, and ``U_ii^2 = [(H_{>=i, >=i})^{-1}]_ii``: the inverses of
+    all trailing blocks from one factorisation (Frantar et al. 2022).
+    """
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info):
+        raise ValueError(
+            "The damped layer Hessian is not positive definite; increase damping (got a "
+            f"failed Cholesky at column {int(info)} of {H.shape[0]})."
+        )
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
 def _nearest_plane(W: Tensor, U: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
@@ -190,7 +207,7 @@ def quantize_obs(
     )
     Hp = H[perm][:, perm]
     Hp += damping * torch.diagonal(Hp).mean() * torch.eye(d, dtype=H.dtype, device=H.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
+    U = inverse_cholesky(Hp)
     shrinks = _shrinks(grid, num_grid, W.dtype)
     grids = [quantization_grid(W, bits, float(s)) for s in shrinks]
     c, rows = len(grids), W.shape[0]
@@ -273,36 +290,57 @@ def _transposed(ref: WeightRef) -> bool:
     return kinds == {"conv1d_hf"}
 
 
-def _as_matrix(ref: WeightRef) -> Tensor:
-    """The weight as ``(out, in)`` rows (one grid per output channel)."""
-    W = ref.weight.detach()
+def _as_matrix(ref: WeightRef, t: Tensor | None = None) -> Tensor:
+    """The weight (or a weight-shaped ``t``, e.g. its mask) as ``(out, in)`` rows (one grid
+    per output channel)."""
+    W = ref.weight.detach() if t is None else t
     return W.T if _transposed(ref) else W.reshape(W.shape[0], -1)
 
 
+def _from_matrix(ref: WeightRef, Q: Tensor) -> Tensor:
+    """Inverse of :func:`_as_matrix`: ``(out, in)`` rows back to the parameter's shape."""
+    return (Q.T if _transposed(ref) else Q).reshape(ref.param.shape)
+
+
 def layer_inputs_hessian(model: nn.Module, ref: WeightRef, inputs: Sequence[Any]) -> Tensor:
-    r"""``sum_n x_n x_n^T`` over the input rows every use of the weight sees (float64).
+    r"""``sum_n x_n x_n^T`` over the input rows of the weight's use (float64).
 
     The rows are the registry's (:class:`hesse.operators.kfac.KFACUse`: every leading
-    dimension, strided patches for convolutions). A weight tied to an Embedding (GPT-2's
-    ``wte`` / ``lm_head``) is quantized once, for all its uses: the embedding's output error
-    :math:`\sum_v n_v \lVert \Delta W_v \rVert^2` (``n_v`` lookups of row ``v``) needs a
-    per-row Hessian, which the shared-``H`` quantizer replaces by the mean lookup count:
-    ``H += (sum_v n_v / rows) I``.
+    dimension, strided patches for convolutions).
+
+    A weight with several uses (found by identity: GPT-2's ``wte`` / ``lm_head``, the LM
+    workload's ``tok`` / ``head``) is compressed once, for all of them, as the output layer
+    (rows = vocabulary entries, one grid per row). Each use ``u`` has its own Hessian
+    :math:`H_u`: the output layer's is :math:`X^\top X` of its inputs (the final hidden
+    states); the lookup use has no input covariance (its inputs are one-hot indices), and its
+    output error :math:`\sum_v n_v \lVert \Delta W_v \rVert^2` (``n_v`` lookups of row ``v``)
+    would need a per-row Hessian ``n_v I``, which the shared-``H`` solvers replace by the
+    mean count: :math:`H_u = \bar n I`. The uses' outputs live in different spaces (logits,
+    the residual stream), so their raw errors are not comparable; the returned ``H`` is the
+    sum of the uses' *relative* output errors,
+
+    .. math::
+        H = \sum_u \frac{H_u}{\operatorname{tr}(W H_u W^\top)},
+
+    each use's Hessian divided by its output energy at the current weights (on the LM's tied
+    embedding the plain sum would let the output layer's term outweigh the lookup's 800
+    times, and OBS pruning would end worse than magnitude). A single use returns
+    :math:`X^\top X` itself.
     """
     uses = [KFACUse(u.name, u.module, with_bias=False) for u in ref.layer.uses]
-    acc: list[Tensor] = []
+    acc: list[list[Tensor]] = [[] for _ in uses]
     handles = []
-    for use in uses:
+    for i, use in enumerate(uses):
 
-        def hook(mod: nn.Module, args: tuple, _out: Any, use: KFACUse = use) -> None:
+        def hook(mod: nn.Module, args: tuple, _out: Any, use: KFACUse = use, i: int = i) -> None:
             rows = use.input_rows(args[0])
             if use.kind == "embedding":
                 d = ref.layer.weight.shape[1]
                 n = rows.numel() / ref.layer.weight.shape[0]
-                acc.append(n * torch.eye(d, dtype=torch.float64, device=rows.device))
+                acc[i].append(n * torch.eye(d, dtype=torch.float64, device=rows.device))
             else:
                 X = rows.double()
-                acc.append(X.T @ X)
+                acc[i].append(X.T @ X)
 
         handles.append(use.module.register_forward_hook(hook))
     was = {m: m.training for m in model.modules()}
@@ -321,16 +359,39 @@ def layer_inputs_hessian(model: nn.Module, ref: WeightRef, inputs: Sequence[Any]
             h.remove()
         for m, t in was.items():
             m.training = t
-    return torch.stack(acc).sum(0)
+    Hs = [torch.stack(a).sum(0) for a in acc if a]
+    if len(Hs) == 1:
+        return Hs[0]
+    W = _as_matrix(ref).double()
+    energy = [float(torch.trace(W @ H @ W.T)) for H in Hs]
+    if min(energy) <= 0:  # a zero weight (or inputs): no scale to compare; plain sum
+        return torch.stack(Hs).sum(0)
+    return torch.stack([H / e for H, e in zip(Hs, energy)]).sum(0)
+
+
+def layer_hessians(
+    model: nn.Module, refs: Sequence[WeightRef], inputs: Sequence[Any], sequential: bool = True
+) -> Iterator[tuple[WeightRef, Tensor]]:
+    """Yield ``(ref, layer_inputs_hessian(model, ref, inputs))`` for each weight in order.
+
+    With ``sequential=True`` each ``H`` is collected when it is asked for, i.e. after the
+    caller changed the weights yielded before it (layer-wise compression in order, each layer
+    seeing the inputs the already-compressed layers produce); otherwise all of them first.
+    """
+    if sequential:
+        for r in refs:
+            yield r, layer_inputs_hessian(model, r, inputs)
+    else:
+        Hs = [layer_inputs_hessian(model, r, inputs) for r in refs]
+        yield from zip(refs, Hs)
 
 
 def _write(ref: WeightRef, Q: Tensor) -> None:
     """Write the quantized matrix once (a tied weight is one tensor) and refresh every
     masked use."""
     target = ref.param
-    Q = Q.T if _transposed(ref) else Q
     with torch.no_grad():
-        target.copy_(Q.reshape(target.shape).to(target.dtype))
+        target.copy_(_from_matrix(ref, Q).to(target.dtype))
         for m in ref.modules:
             if hasattr(m, "weight_mask"):
                 m.weight = target * m.weight_mask
@@ -405,13 +466,8 @@ def quantize(
     else:
         b = _check_bits(bits)
         per = {r.name: b for r in refs}
-    inputs = _inputs_of(data)
     errors: dict[str, float] = {}
-    Hs: dict[str, Tensor] = {}
-    if not sequential:
-        Hs = {r.name: layer_inputs_hessian(model, r, inputs) for r in refs}
-    for r in refs:
-        H = Hs[r.name] if not sequential else layer_inputs_hessian(model, r, inputs)
+    for r, H in layer_hessians(model, refs, _inputs_of(data), sequential):
         W = check_finite(_as_matrix(r), f"the weights of {r.name}")
         check_finite(H, f"the calibration inputs of {r.name}")
         if method == "rtn":

@@ -28,6 +28,7 @@ from .sensitivity import allocate_bits, layer_sensitivity
 __all__ = ["CompressionReport", "compression_report", "evaluate"]
 
 SCHEMA_VERSION = "hesse.compress/1"
+METRICS = ("accuracy", "perplexity", "loss")
 
 
 def _concat(data: Any) -> tuple[Any, Tensor]:
@@ -36,10 +37,20 @@ def _concat(data: Any) -> tuple[Any, Tensor]:
     return concat_data(data)
 
 
-def evaluate(model: nn.Module, loss_fn: Callable, data: Any) -> dict[str, float | None]:
-    """``{"loss", "accuracy"}`` of ``model`` on ``data`` in eval mode.
+def _is_mean_cross_entropy(loss_fn: Callable) -> bool:
+    from ..func import OutputLoss
 
-    Accuracy is the argmax match rate when targets are class indices (``None`` otherwise).
+    if isinstance(loss_fn, OutputLoss):
+        return loss_fn.kind == "ce" and loss_fn.reduction == "mean"
+    return isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean"
+
+
+def evaluate(model: nn.Module, loss_fn: Callable, data: Any) -> dict[str, float | None]:
+    """``{"loss", "accuracy", "perplexity"}`` of ``model`` on ``data`` in eval mode.
+
+    Accuracy is the argmax match rate when targets are class indices of ``(N, C)`` outputs;
+    perplexity is ``exp(loss)`` for a mean cross-entropy (per token for a language model);
+    ``None`` where they do not apply.
     """
     X, y = _concat(data)
     was = model.training
@@ -53,7 +64,8 @@ def evaluate(model: nn.Module, loss_fn: Callable, data: Any) -> dict[str, float 
     acc = None
     if not y.dtype.is_floating_point and out.ndim == 2 and y.ndim == 1:
         acc = float((out.argmax(1) == y).double().mean())
-    return {"loss": loss, "accuracy": acc}
+    ppl = math.exp(min(loss, 700.0)) if _is_mean_cross_entropy(loss_fn) else None
+    return {"loss": loss, "accuracy": acc, "perplexity": ppl}
 
 
 def _f(x: Any) -> Any:
@@ -76,6 +88,8 @@ class CompressionReport:
             "accuracy"}`` from HAWQ-v2 sensitivity + exact bit allocation.
         settings: the options used.
         converged: every run finished.
+        metric: the headline number of the tables and plots: ``"accuracy"`` (classifiers),
+            ``"perplexity"`` (language models) or ``"loss"``.
     """
 
     name: str
@@ -85,6 +99,7 @@ class CompressionReport:
     mixed: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     converged: bool = True
+    metric: str = "accuracy"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,26 +112,37 @@ class CompressionReport:
         def fmt(v: Any) -> str:
             return "-" if v is None else f"{v:.4f}"
 
+        key = self.metric
+        base = self.dense.get(key)
+
+        def cell(r: dict[str, Any]) -> str:
+            v = r.get(key)
+            rel = f" {v / base - 1:+.1%}" if key == "perplexity" and v is not None and base else ""
+            return f"{fmt(v)}{rel}" + ("" if key == "loss" else f" ({fmt(r['loss'])})")
+
+        what = f"test {key}" + ("" if key == "loss" else " (loss)")
         lines = [f"# Compression report: {self.name}", ""]
         lines.append(
-            f"Dense model: accuracy {fmt(self.dense['accuracy'])}, loss {fmt(self.dense['loss'])}."
+            f"Dense model: {key} {fmt(base)}"
+            + ("" if key == "loss" else f", loss {fmt(self.dense['loss'])}")
+            + "."
         )
         if self.pruning:
             methods = list(dict.fromkeys(r["method"] for r in self.pruning))
             levels = sorted({r["sparsity"] for r in self.pruning})
-            lines += ["", "## Pruning (no fine-tuning): test accuracy (loss)", ""]
+            lines += ["", f"## Pruning (no fine-tuning): {what}", ""]
             lines.append("| sparsity | " + " | ".join(methods) + " |")
             lines.append("|---" * (len(methods) + 1) + "|")
             for s in levels:
                 cells = []
                 for m in methods:
                     r = next(r for r in self.pruning if r["method"] == m and r["sparsity"] == s)
-                    cells.append(f"{fmt(r['accuracy'])} ({fmt(r['loss'])})")
+                    cells.append(cell(r))
                 lines.append(f"| {s:.2f} | " + " | ".join(cells) + " |")
         if self.quantization:
             methods = list(dict.fromkeys(r["method"] for r in self.quantization))
             levels = sorted({r["bits"] for r in self.quantization}, reverse=True)
-            lines += ["", "## Quantization: test accuracy (loss); worst layer output error", ""]
+            lines += ["", f"## Quantization: {what}; worst layer output error", ""]
             lines.append("| bits | " + " | ".join(methods) + " |")
             lines.append("|---" * (len(methods) + 1) + "|")
             for b in levels:
@@ -124,17 +150,17 @@ class CompressionReport:
                 for m in methods:
                     r = next(r for r in self.quantization if r["method"] == m and r["bits"] == b)
                     worst = max(r["layer_error"].values())
-                    cells.append(f"{fmt(r['accuracy'])} ({fmt(r['loss'])}); {worst:.3g}")
+                    cells.append(f"{cell(r)}; {worst:.3g}")
                 lines.append(f"| {b} | " + " | ".join(cells) + " |")
         if self.mixed:
             lines += ["", "## Mixed precision (HAWQ-v2 sensitivity, exact allocation)", ""]
-            lines.append("| method | average bits | bits per layer | accuracy | loss |")
+            lines.append(f"| method | average bits | bits per layer | {key} | loss |")
             lines.append("|---|---|---|---|---|")
             for r in self.mixed:
                 per = ", ".join(f"{k}:{v}" for k, v in r["bits"].items())
                 lines.append(
                     f"| {r['method']} | {r['average_bits']:.2f} | {per} | "
-                    f"{fmt(r['accuracy'])} | {fmt(r['loss'])} |"
+                    f"{fmt(r.get(key))} | {fmt(r['loss'])} |"
                 )
         return "\n".join(lines) + "\n"
 
@@ -149,7 +175,7 @@ class CompressionReport:
             from ..plot.compress import plot_compression
 
             files.append(out / "compress.png")
-            plot_compression(self, files[-1])
+            plot_compression(self, files[-1], metric=self.metric)
         return files
 
 
@@ -168,6 +194,7 @@ def compression_report(
     prune_kwargs: dict[str, Any] | None = None,
     quantize_kwargs: dict[str, Any] | None = None,
     name: str = "model",
+    metric: str = "accuracy",
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> CompressionReport:
@@ -191,12 +218,16 @@ def compression_report(
         scope: pruning scope, ``"global"`` or ``"layer"``.
         prune_kwargs, quantize_kwargs: extra options for :func:`prune` / :func:`quantize`.
         name: label for the report.
+        metric: headline number of the tables: ``"accuracy"`` (default), ``"perplexity"``
+            (``exp`` of a mean cross-entropy: language models) or ``"loss"``; every row
+            records all three where they apply.
         generator: randomness of the Hutchinson traces in the sensitivity.
         progress: print one line per run to stderr.
 
     Returns:
         :class:`CompressionReport`.
     """
+    metric = check_choice(metric, "metric", METRICS)
     for m in prune_methods:
         check_choice(m, "prune method", [x.value for x in PruneMethod])
     for m in quant_methods:
@@ -213,6 +244,11 @@ def compression_report(
             print(msg, file=sys.stderr, flush=True)
 
     dense = evaluate(model, loss_fn, test)
+    if dense[metric] is None:
+        raise ValueError(
+            f"metric={metric!r} does not apply to this model and loss (accuracy needs class "
+            "labels of (N, C) outputs, perplexity a mean cross-entropy); pass metric='loss'."
+        )
     pruning, quantization, mixed = [], [], []
     for method in prune_methods:
         for s in sparsities:
@@ -223,7 +259,7 @@ def compression_report(
             row["measured_sparsity"] = sparsity_of(m)["global"]
             row["seconds"] = time.perf_counter() - t0
             pruning.append(row)
-            log(f"prune {method} {s:.2f}: accuracy {row['accuracy']}, loss {row['loss']:.4f}")
+            log(f"prune {method} {s:.2f}: {metric} {row[metric]}, loss {row['loss']:.4f}")
     for method in quant_methods:
         for b in bits:
             m = copy.deepcopy(model)
@@ -233,7 +269,7 @@ def compression_report(
             row["layer_error"] = dict(res.layer_error)
             row["seconds"] = time.perf_counter() - t0
             quantization.append(row)
-            log(f"quantize {method} {b} bits: accuracy {row['accuracy']}")
+            log(f"quantize {method} {b} bits: {metric} {row[metric]}")
     if average_bits and quant_methods:
         sens = layer_sensitivity(model, loss_fn, train, tuple(bits), generator=generator)
         for avg in average_bits:
@@ -250,9 +286,10 @@ def compression_report(
                     **evaluate(m, loss_fn, test),
                 }
                 mixed.append(row)
-                log(f"mixed {method} {avg} bits/weight: {alloc.bits} accuracy {row['accuracy']}")
+                log(f"mixed {method} {avg} bits/weight: {alloc.bits} {metric} {row[metric]}")
     return CompressionReport(
         name=name,
+        metric=metric,
         dense=dense,
         pruning=pruning,
         quantization=quantization,

@@ -15,7 +15,8 @@ The model (:class:`CausalTransformer`) is a pre-norm GPT: token and learned posi
 embeddings, ``n_layers`` blocks of causal multi-head attention
 (:func:`torch.nn.functional.scaled_dot_product_attention`, separate bias-free ``q``, ``k``,
 ``v``, ``o`` projections) and a GELU MLP (``fc1``, ``fc2``), LayerNorm, and an output layer
-tied to the token embedding. It maps ``(B, T)`` token ids to ``(B, T, V)`` logits. The default
+``head`` (an ``nn.Linear`` sharing the token embedding's tensor: tied). It maps ``(B, T)``
+token ids to ``(B, T, V)`` logits. The default
 (``d_model=64``, 4 layers, 4 heads, context 64) has 208,000 parameters; its weights, trained
 by :func:`train_lm` from seed 0, ship as ``lm_weights.npz`` so that :func:`lm_workload` loads
 in well under a second and gives the same model everywhere.
@@ -191,6 +192,11 @@ class CausalTransformer(nn.Module):
         self.pos = nn.Embedding(cfg.context, cfg.d_model)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        # the output layer is a module sharing the embedding's tensor, so the layer registry
+        # (hesse.operators.kfac) sees both uses of the tied weight
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok.weight
+        self._register_load_state_dict_pre_hook(_tied_head_key)
         g = torch.Generator().manual_seed(seed)
         resid = 0.02 / math.sqrt(2 * cfg.n_layers)
         with torch.no_grad():
@@ -210,7 +216,13 @@ class CausalTransformer(nn.Module):
         x = self.tok(idx) + self.pos.weight[:T]
         for block in self.blocks:
             x = block(x)
-        return self.ln_f(x) @ self.tok.weight.T
+        return self.head(self.ln_f(x))
+
+
+def _tied_head_key(state: dict, prefix: str, *_: Any) -> None:
+    """State dicts saved before the head was a module lack ``head.weight`` (= ``tok.weight``)."""
+    if prefix + "head.weight" not in state and prefix + "tok.weight" in state:
+        state[prefix + "head.weight"] = state[prefix + "tok.weight"]
 
 
 class LMWorkload(Workload):

@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from .._typing import Params
+from ._hvp import backward_pass
 
 __all__ = ["OutputGraph", "ggn_vp"]
 
@@ -25,6 +27,11 @@ class OutputGraph:
 
     ``J V`` uses the double-VJP trick on the cached graph: ``J v = d/du <J^T u, v>``.
 
+    Memory: besides the forward graph, only the graph of ``J^T u`` is kept. The dummy
+    cotangent ``u`` is a zero scalar expanded to the outputs' shape (no outputs-sized
+    buffer; for a language model the outputs are ``B*T*V`` floats), and the parameter-shaped
+    roots ``J^T u`` are held as gradient edges of that graph, not as tensors (they are zeros).
+
     Args:
         outputs: model outputs built from ``params`` (any shape).
         params: tensors requiring grad.
@@ -33,42 +40,47 @@ class OutputGraph:
     def __init__(self, outputs: Tensor, params: Sequence[Tensor]):
         self.outputs = outputs
         self.params = list(params)
-        self._u = torch.zeros_like(outputs, requires_grad=True)
-        vjp = torch.autograd.grad(
-            outputs, self.params, self._u, create_graph=True, allow_unused=True
-        )
-        self._vjp_u = [g for g in vjp]
+        zero = torch.zeros((), dtype=outputs.dtype, device=outputs.device, requires_grad=True)
+        self._u = zero.expand(outputs.shape)
+        vjp = backward_pass([outputs], self.params, [self._u], create_graph=True)
         self._live = [g is not None and g.requires_grad for g in vjp]
+        self._roots = [get_gradient_edge(g) for g, ok in zip(vjp, self._live) if ok]
 
     def jmp(self, V: Sequence[Tensor]) -> Tensor:
         """``J V`` for ``k`` directions, tensors ``(k, *param.shape)``; returns ``(k, *out)``."""
         k = V[0].shape[0]
-        live = [i for i, ok in enumerate(self._live) if ok]
-        if not live:
+        if not self._roots:
             return torch.zeros(
                 (k, *self.outputs.shape), dtype=self.outputs.dtype, device=self.outputs.device
             )
-        batched = k > 1  # one direction: plain autograd, no vmap overhead (CG)
+        if k == 1:  # one direction: one plain pass, no vmap overhead (CG)
+            (out,) = backward_pass(
+                self._roots, [self._u], [v[0] for v, ok in zip(V, self._live) if ok]
+            )
+            return out.unsqueeze(0)
         (out,) = torch.autograd.grad(
-            [self._vjp_u[i] for i in live],
+            self._roots,
             self._u,
-            [V[i] if batched else V[i][0] for i in live],
+            [v for v, ok in zip(V, self._live) if ok],
             retain_graph=True,
-            is_grads_batched=batched,
+            is_grads_batched=True,
         )
-        return out if batched else out.unsqueeze(0)
+        return out
 
     def vjp(self, W: Tensor) -> list[Tensor]:
         """``J^T W`` for ``W`` of shape ``(k, *out)``; returns tensors ``(k, *param.shape)``."""
         batched = W.shape[0] > 1
-        res = torch.autograd.grad(
-            self.outputs,
-            self.params,
-            W if batched else W[0],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
+        if batched:
+            res = torch.autograd.grad(
+                self.outputs,
+                self.params,
+                W,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        else:
+            res = backward_pass([self.outputs], self.params, [W[0]])
         return [
             torch.zeros((W.shape[0], *p.shape), dtype=p.dtype, device=p.device)
             if r is None

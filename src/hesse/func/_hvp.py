@@ -52,6 +52,48 @@ def hvp(
     return dict(zip(leaves, out))
 
 
+try:  # the C++ engine call behind torch.autograd.grad (torch >= 2.4)
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - older torch: the public function
+    _engine_run_backward = None
+
+
+def backward_pass(
+    outputs: Sequence[Tensor | torch.autograd.graph.GradientEdge],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+    create_graph: bool = False,
+) -> tuple[Tensor | None, ...]:
+    """One reverse pass ``sum_i grad_outputs[i]^T d outputs[i] / d inputs`` that keeps the
+    graph (``None`` for an input the outputs do not reach).
+
+    ``torch.autograd.grad`` with ``retain_graph=True, allow_unused=True`` (and
+    ``create_graph``) for one direction,
+    minus its Python-side argument handling: that costs microseconds per tensor on every
+    product and, on the first call, imports ``torch.fx.experimental.symbolic_shapes`` and
+    sympy (~0.4 s of CPU) for a shape comparison. The callers pass cotangents of exactly the
+    outputs' shapes and dtypes (the C++ engine still checks them).
+    """
+    if _engine_run_backward is None:  # pragma: no cover
+        return torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs,
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+    return _engine_run_backward(
+        tuple(outputs),
+        tuple(grad_outputs),
+        True,
+        create_graph,
+        tuple(inputs),
+        True,
+        accumulate_grad=False,
+    )
+
+
 # Below this many saved elements in the double-backward graph (and on CPU), one vmapped
 # backward over a block beats a backward per column: the graph is so small that per-pass
 # overhead dominates. Above it vmap loses 1.1-2x (it copies the batched matmul operands).
@@ -118,6 +160,11 @@ class GradGraph:
 
     def hvp(self, v: Sequence[Tensor]) -> list[Tensor]:
         """``H v`` for one direction given as a list of tensors shaped like ``params``."""
+        if len(v) != len(self.params) or any(t.shape != p.shape for t, p in zip(v, self.params)):
+            raise ValueError(
+                "Shape mismatch: expected one tensor per parameter with shapes "
+                f"{[tuple(p.shape) for p in self.params]}, got {[tuple(t.shape) for t in v]}."
+            )
         return self._backward(v, batched=False)
 
     def batched_wins(self) -> bool:
@@ -157,14 +204,18 @@ class GradGraph:
         live = self._live_idx
         if not live:
             return [torch.zeros_like(t) for t in v]
-        res = torch.autograd.grad(
-            self._live_grads,
-            self.params,
-            v if self._all_live else [v[i] for i in live],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
+        gv = v if self._all_live else [v[i] for i in live]
+        if batched:
+            res = torch.autograd.grad(
+                self._live_grads,
+                self.params,
+                gv,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        else:
+            res = backward_pass(self._live_grads, self.params, gv)
         if self._all_live and all(r is not None for r in res):
             return list(res)
         return [torch.zeros_like(t) if r is None else r for t, r in zip(v, res)]

@@ -270,23 +270,37 @@ class LossAt:
         self.outputs, self.targets = f, targets
         self.mask = loss._valid(f, targets)
         if loss.kind == "ce":
-            self.p = torch.softmax(loss.rows(f), dim=-1)  # (M, C)
+            # only the row log-normalisers are kept; p is recomputed where it is needed, so a
+            # large vocabulary holds no extra (M, C) buffer between products
+            self._lse = torch.logsumexp(loss.rows(f), dim=-1, keepdim=True)  # (M, 1)
         elif loss.kind == "bce":
             self.s = torch.sigmoid(f)
 
+    @property
+    def p(self) -> Tensor:
+        """Cross-entropy: the softmax probabilities as rows ``(M, C)`` (a new tensor)."""
+        p = self.loss.rows(self.outputs) - self._lse
+        return p.exp_()
+
     def _masked(self, R: Tensor) -> Tensor:
-        return R if self.mask is None else R * self.mask.unsqueeze(-1).to(R.dtype)
+        """Zero the ignored rows of ``R`` (a new tensor of ours), in place."""
+        return R if self.mask is None else R.mul_(self.mask.unsqueeze(-1).to(R.dtype))
 
     def hessian_mp(self, W: Tensor) -> Tensor:
-        """``H_out W`` for ``W`` of shape ``(k, *outputs.shape)`` (closed form, per row)."""
+        """``H_out W`` for ``W`` of shape ``(k, *outputs.shape)`` (closed form, per row).
+
+        Returns a new tensor (callers may scale it in place).
+        """
         kind = self.loss.kind
         if kind == "mse":
             return 2.0 * W
         if kind == "bce":
             return (self.s * (1 - self.s)) * W
-        U = self.loss.rows(W, lead=1)
+        U = self.loss.rows(W, lead=1)  # (k, M, C)
         p = self.p
-        HU = p * U - p * (p * U).sum(-1, keepdim=True)
+        HU = U * p  # p * u - p (p^T u) in one (k, M, C) buffer besides p
+        HU.addcmul_(p, HU.sum(-1, keepdim=True), value=-1.0)
+        del p
         return self.loss.unrows(self._masked(HU), self.shape, lead=1)
 
     def hessian_sqrt(self) -> Tensor:
@@ -324,7 +338,7 @@ class LossAt:
         if self.loss._soft(f, t):
             return self.loss.unrows(self.p - self.loss.rows(t.to(f.dtype)), self.shape)
         ti = self.loss._shift_targets(t).reshape(-1, 1)
-        r = self.p.clone()
+        r = self.p
         r.scatter_add_(1, ti.clamp_min(0), torch.full_like(r[:, :1], -1.0))
         return self.loss.unrows(self._masked(r), self.shape)
 

@@ -357,7 +357,7 @@ class GGNOperator(_OutputCurvatureOperator):
     def _output_mp(self, state: Any, W: Tensor) -> Tensor:
         a, b = state
         if isinstance(a, LossAt):
-            return b * a.hessian_mp(W)
+            return a.hessian_mp(W).mul_(b)  # a new tensor: scaled in place
         leaf, g = state
         if not g.requires_grad:  # loss linear in the outputs
             return torch.zeros_like(W)
@@ -429,7 +429,7 @@ class FisherOperator(_OutputCurvatureOperator):
     def _output_mp(self, state: Any, W: Tensor) -> Tensor:
         at, w, R = state
         if R is None:
-            return w * at.hessian_mp(W)
+            return at.hessian_mp(W).mul_(w)
         return w * at.outer_mp(R, W)
 
 

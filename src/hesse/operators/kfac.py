@@ -848,6 +848,15 @@ def eigen_factors(L: Tensor, R: Tensor) -> tuple[Tensor | None, Tensor, Tensor |
     return cast(QL), dL.clamp_min(0).to(dt), cast(QR), dR.clamp_min(0).to(dt)
 
 
+def eigen_quadratic(eig: tuple, mat: Tensor) -> Tensor:
+    """``<M, L M R>``, the quadratic form of the undamped Kronecker term ``L (x) R`` (from
+    its eigendecomposition ``eig``) at a batch ``M (k, rows, cols)``, summed over ``k``."""
+    QL, dL, QR, dR = eig
+    rot = mat if QL is None else QL.T @ mat
+    rot = rot if QR is None else rot @ QR
+    return (rot.square() * (dL.unsqueeze(-1) * dR.unsqueeze(0))).sum()
+
+
 def eigen_solve(eig: tuple, mat: Tensor, damping: float, *, factored: bool = False) -> Tensor:
     """``(L (x) R + damping I)^{-1} M`` (exact; ``M -> L M R``), or with ``factored=True``
     the factored Tikhonov damping ``(L + sqrt(d)/pi I)^{-1} (x) (R + pi sqrt(d) I)^{-1}`` of

@@ -21,6 +21,7 @@ Both are kept as exponential running averages and inverted through eigendecompos
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from .._checks import (
     check_int,
     check_nonnegative,
     check_positive,
+    warn_once,
 )
 from ..func import output_loss
 from ..operators.kfac import (
@@ -41,6 +43,7 @@ from ..operators.kfac import (
     UNSUPPORTED_POLICIES,
     all_uses,
     eigen_factors,
+    eigen_quadratic,
     eigen_solve,
     find_kfac_layers,
     nearest_kronecker,
@@ -53,6 +56,16 @@ from ._closure import closure_loss
 __all__ = ["KFAC", "KFACPreconditioner"]
 
 DAMPING_MODES = ("tikhonov", "factored")
+# Levenberg-Marquardt damping adaptation (Martens & Grosse 2015, sec. 6.5): factor per step
+# (omega = (20/19)^T every T steps) and the range kept.
+DAMPING_OMEGA = 20.0 / 19.0
+MIN_DAMPING, MAX_DAMPING = 1e-8, 1e4
+
+
+def all_finite(tensors: list[Tensor | None]) -> bool:
+    """Whether every element of the tensors (``None`` skipped) is finite, with one sync."""
+    peaks = [t.detach().abs().amax().double() for t in tensors if t is not None and t.numel()]
+    return not peaks or bool(torch.isfinite(torch.stack(peaks)).all())
 
 
 def _check_decay(value: float, name: str) -> float:
@@ -182,8 +195,11 @@ class KFACPreconditioner:
             use.module.register_forward_hook(self._layer_hook(i)) for i, use in enumerate(self.uses)
         ]
         self._handles.append(loss_fn.register_forward_pre_hook(self._loss_hook))
-        self._handles.append(model.register_forward_hook(self._model_hook))
+        self._handles.append(loss_fn.register_forward_hook(self._loss_value_hook))
+        self._handles.append(model.register_forward_hook(self._model_hook, with_kwargs=True))
         self._in_fallback = False
+        # the last batch seen with gradients on: model (args, kwargs), loss targets and value
+        self._batch: dict[str, Any] = {}
 
     # -- recording ----------------------------------------------------------------------
     def _reset_pending(self) -> None:
@@ -211,10 +227,12 @@ class KFACPreconditioner:
 
         return hook
 
-    def _model_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Fallback when the loss is computed without ``loss_fn`` (another instance, a
-        functional loss): at the backward pass through the outputs, with every output row
-        counted as a valid target."""
+    def _model_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Remember the inputs (for :meth:`batch_loss`); fallback when the loss is computed
+        without ``loss_fn`` (another instance, a functional loss): at the backward pass
+        through the outputs, with every output row counted as a valid target."""
+        if torch.is_grad_enabled():
+            self._batch = {"args": args, "kwargs": kwargs}
         f = output if isinstance(output, Tensor) else getattr(output, "logits", None)
         if not self._recording() or not self._outputs or not isinstance(f, Tensor):
             return
@@ -236,9 +254,43 @@ class KFACPreconditioner:
         f.register_hook(fallback)
 
     def _loss_hook(self, module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and len(args) >= 2 and isinstance(args[0], Tensor):
+            self._batch.update(shape=args[0].shape, targets=args[1])
         if not self._recording() or not self._outputs or len(args) < 2:
             return
         self._accumulate_g(args[0], args[1])
+
+    def _loss_value_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, Tensor):
+            self._batch["loss"] = output.detach()
+
+    @torch.no_grad()
+    def batch_loss(self) -> tuple[Tensor, Tensor] | None:
+        """``(loss before, loss now)`` of the last batch passed through model and ``loss_fn``
+        with gradients on: the recorded loss value and ``loss_fn(model(inputs), targets)`` at
+        the current parameters (one forward pass, no recording). ``None`` if that batch was
+        not seen whole (the loss was computed without ``loss_fn``, or on a tensor whose size
+        differs from the model output's)."""
+        b = self._batch
+        if not {"args", "kwargs", "targets", "loss"} <= b.keys():
+            return None
+        out = self.model(*b["args"], **b["kwargs"])
+        f = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+        if not isinstance(f, Tensor) or f.numel() != b["shape"].numel():
+            return None
+        return b["loss"], self.loss_fn(f.reshape(b["shape"]), b["targets"])
+
+    @torch.no_grad()
+    def quadratic(self, deltas: dict[Tensor, Tensor]) -> Tensor:
+        """``sum over factored layers of delta^T (A (x) G) delta`` (undamped K-FAC curvature
+        of the last inverse update) for parameter changes ``deltas`` (``{param: change}``)."""
+        total = torch.zeros(())
+        for layer, eig in zip(self.layers, self._eig):
+            if eig is None or any(p not in deltas for p in layer.params):
+                continue
+            mat = layer.to_matrix([deltas[p].unsqueeze(0) for p in layer.params])
+            total = total.to(mat) + eigen_quadratic(eig, mat)
+        return total
 
     def _accumulate_g(self, f: Any, targets: Tensor | None) -> None:
         outputs, self._outputs = self._outputs, {}
@@ -375,6 +427,11 @@ class KFACPreconditioner:
         def finite(t: Tensor | None) -> bool:
             return t is None or bool(torch.isfinite(t).all())
 
+        tensors = (
+            [p.grad for layer in self.layers for p in layer.params] + self._A_sum + self._G_sum
+        )
+        if all_finite(tensors):
+            return
         bad = [
             layer.name or "<root>"
             for layer in self.layers
@@ -394,6 +451,7 @@ class KFACPreconditioner:
     def discard_pending(self) -> None:
         """Forget the statistics recorded since the last step and rewind the generator."""
         self._reset_pending()
+        self._batch = {}
         self.generator.set_state(self._rng)
 
     # -- persistence --------------------------------------------------------------------
@@ -452,7 +510,18 @@ class KFAC(Optimizer):
         g <- grad + weight_decay * p
         d <- KFACPreconditioner(g)         # factors, damping, KL clipping: see there
         buf <- momentum * buf + d
-        p <- p - lr * buf
+        p <- p - lr * buf                  # delta = -lr * buf
+        if adapt_damping and step % adapt_damping == 0:   # Levenberg-Marquardt
+            rho = (f(p) - f(p_old)) / (grad^T delta + delta^T (A (x) G + damping I) delta / 2)
+            damping *= omega if rho < 1/4;  damping /= omega if rho > 3/4
+            # omega = (20/19)^adapt_damping, damping kept in [1e-8, 1e4]; f(p) is loss_fn
+            # at the new p on the step's batch (one extra forward pass); no change when
+            # the model predicts no decrease (a momentum-dominated step)
+
+    The defaults (``lr=0.3, damping=3e-2, adapt_damping=5, kl_clip=1e-2``, factors every 10
+    steps) were chosen once for three tasks, with no tuning per task; see
+    ``benchmarks/optimizers_kfac.py`` and ``benchmarks/README.md`` for where they match
+    AdamW and where they do not.
 
     Note:
         ``step`` overwrites ``p.grad`` with the preconditioned direction ``d``.
@@ -463,13 +532,22 @@ class KFAC(Optimizer):
         loss_fn: the likelihood loss (see :class:`KFACPreconditioner`).
         lr: learning rate ``> 0``.
         momentum: heavy-ball momentum in ``[0, 1)``.
-        damping: Tikhonov damping ``> 0`` (per-optimizer; schedulable via
-            ``param_groups[0]["damping"]``).
+        damping: Tikhonov damping ``> 0``, the starting value when ``adapt_damping`` is set
+            (per-optimizer; in ``param_groups[0]["damping"]``, schedulable there when fixed).
         weight_decay: L2 coefficient ``>= 0``, added to the gradient before preconditioning.
         kl_clip: KL-clipping bound or ``None`` (default ``1e-2``).
-        **kwargs: ``fisher``, ``num_samples``, ``damping_mode``, ``factor_decay``,
-            ``factor_update_interval``, ``inverse_update_interval``, ``unsupported``,
-            ``generator`` as in :class:`KFACPreconditioner`.
+        adapt_damping: adapt ``damping`` every this many steps by the Levenberg-Marquardt rule
+            of Martens & Grosse (2015, sec. 6.5), or ``None`` (fixed). It re-evaluates
+            ``loss_fn`` at the new parameters on the last batch passed through the model and
+            ``loss_fn`` with gradients on (its inputs are remembered by a hook); if the loss
+            was computed another way, the damping stays fixed (one warning). The current
+            value is ``param_groups[0]["damping"]`` (saved by ``state_dict``), the last
+            reduction ratio ``last_rho``. Default ``5`` (as Martens & Grosse's ``T_1``).
+        factor_update_interval, factor_decay: as in :class:`KFACPreconditioner`; here every
+            10 steps with weight 0.8 by default (the statistics are the costly part of a step
+            on small models).
+        **kwargs: ``fisher``, ``num_samples``, ``damping_mode``, ``inverse_update_interval``,
+            ``unsupported``, ``generator`` as in :class:`KFACPreconditioner`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -486,12 +564,15 @@ class KFAC(Optimizer):
         self,
         params: Any,
         loss_fn: Callable | None = None,
-        lr: float = 0.1,
+        lr: float = 0.3,
         momentum: float = 0.9,
-        damping: float = 1e-3,
+        damping: float = 3e-2,
         weight_decay: float = 0.0,
         kl_clip: float | None = 1e-2,
         *,
+        adapt_damping: int | None = 5,
+        factor_update_interval: int = 10,
+        factor_decay: float = 0.8,
         model: nn.Module | None = None,
         **kwargs: Any,
     ):
@@ -502,13 +583,24 @@ class KFAC(Optimizer):
         _check_decay(momentum, "momentum")
         check_positive(damping, "damping")
         check_nonnegative(weight_decay, "weight_decay")
+        self.adapt_damping = (
+            None if adapt_damping is None else check_int(adapt_damping, "adapt_damping")
+        )
+        self.last_rho: float | None = None
         defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay)
         super().__init__(params, defaults)
         check_optimizer_params([p for g in self.param_groups for p in g["params"]], "KFAC")
         self.model = model
         self.loss_fn = loss_fn
         self.preconditioner = KFACPreconditioner(
-            model, loss_fn, damping=damping, kl_clip=kl_clip, lr=lr, **kwargs
+            model,
+            loss_fn,
+            damping=damping,
+            kl_clip=kl_clip,
+            lr=lr,
+            factor_update_interval=factor_update_interval,
+            factor_decay=factor_decay,
+            **kwargs,
         )
 
     @torch.no_grad()
@@ -516,9 +608,10 @@ class KFAC(Optimizer):
         try:  # a non-finite loss, gradient or statistic raises before anything is written
             loss = closure_loss(closure)
             self.preconditioner.check_finite()
-            for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
-                if not bool(torch.isfinite(p.grad).all()):
-                    raise NonFiniteError(f"Non-finite gradient of a parameter {tuple(p.shape)}.")
+            grads = [p.grad for p in self._params()]
+            if not all_finite(grads):
+                p = next(p for p, g in zip(self._params(), grads) if not all_finite([g]))
+                raise NonFiniteError(f"Non-finite gradient of a parameter {tuple(p.shape)}.")
         except NonFiniteError:
             self.preconditioner.discard_pending()
             raise
@@ -532,7 +625,12 @@ class KFAC(Optimizer):
         pre = self.preconditioner
         pre.damping = check_positive(self.param_groups[0]["damping"], "damping")
         pre.lr = self.param_groups[0]["lr"]
+        T = self.adapt_damping
+        grads = None
+        if T is not None and pre.steps % T == 0:
+            grads = {p: p.grad.clone() for p in self._params() if p.grad is not None}
         pre.step()
+        deltas = {}
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]
             for p in group["params"]:
@@ -547,8 +645,47 @@ class KFAC(Optimizer):
                     else:
                         buf.mul_(mom).add_(d)
                     d = buf
+                if grads is not None:
+                    deltas[p] = d * -lr
                 p.add_(d, alpha=-lr)
+        if grads is not None:
+            self._adapt_damping(grads, deltas)
+        pre._batch = {}  # a later step must not reuse this batch
         return loss
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _adapt_damping(self, grads: dict, deltas: dict) -> None:
+        """Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5) on the step just taken."""
+        pre = self.preconditioner
+        losses = pre.batch_loss()
+        if losses is None:
+            warn_once(
+                "KFAC(adapt_damping=...) keeps the damping fixed: it re-evaluates loss_fn on "
+                "the last batch, but loss_fn was not called on the whole model output "
+                "(loss_fn(model(X), y))."
+            )
+            return
+        lam = self.param_groups[0]["damping"]
+        lin = sum((grads[p] * d).sum() for p, d in deltas.items())
+        sq = sum(d.square().sum() for d in deltas.values())
+        model_change = float(lin + 0.5 * (pre.quadratic(deltas) + lam * sq))
+        change = float(losses[1] - losses[0])
+        if not model_change < 0:  # the model predicts no decrease (momentum): no evidence
+            self.last_rho = None
+            return
+        rho = change / model_change
+        if rho != rho:  # the new loss is NaN: treat as the worst agreement
+            rho = -math.inf
+        self.last_rho = rho
+        omega = DAMPING_OMEGA**self.adapt_damping
+        if rho < 0.25:
+            lam = min(lam * omega, MAX_DAMPING)
+        elif rho > 0.75:
+            lam = max(lam / omega, MIN_DAMPING)
+        for group in self.param_groups:
+            group["damping"] = lam
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

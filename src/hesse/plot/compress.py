@@ -23,7 +23,7 @@ def plot_compression(
     report: Any,
     path: str | Path | None = None,
     *,
-    metric: str = "accuracy",
+    metric: str | None = None,
     title: str | None = None,
 ) -> Any:
     """Two panels: ``metric`` vs sparsity for each pruning method, and vs bits for each
@@ -32,7 +32,8 @@ def plot_compression(
     Args:
         report: a :class:`~hesse.compress.CompressionReport` or its ``to_dict()``.
         path: write a PNG here.
-        metric: ``"accuracy"`` (default) or ``"loss"``.
+        metric: ``"accuracy"``, ``"perplexity"`` or ``"loss"`` (default: the report's own
+            ``metric``, accuracy for reports without one).
         title: figure title (default: the report's name).
 
     Returns:
@@ -40,12 +41,13 @@ def plot_compression(
     """
     from matplotlib.figure import Figure
 
-    if metric not in ("accuracy", "loss"):
-        raise ValueError(f"Invalid metric={metric!r}; expected 'accuracy' or 'loss'.")
     d = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     for key in ("dense", "pruning", "quantization"):
         if key not in d:
             raise TypeError(f"Expected a CompressionReport or its to_dict(); missing {key!r}.")
+    metric = d.get("metric", "accuracy") if metric is None else metric
+    if metric not in ("accuracy", "perplexity", "loss"):
+        raise ValueError(f"Invalid metric={metric!r}; expected 'accuracy', 'perplexity' or 'loss'.")
     panels = [k for k in ("pruning", "quantization") if d.get(k)] or ["pruning"]
     fig = Figure(figsize=(5.2 * len(panels), 4.0), constrained_layout=True)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -54,7 +56,7 @@ def plot_compression(
         rows = d.get(panel) or []
         xkey = "sparsity" if panel == "pruning" else "bits"
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r[xkey], r[metric]) for r in rows if r["method"] == method)
+            pts = sorted((r[xkey], r.get(metric)) for r in rows if r["method"] == method)
             pts = [(x, y) for x, y in pts if y is not None]
             if not pts:
                 continue
@@ -83,7 +85,9 @@ def plot_compression(
             ax.invert_xaxis()
         if dense is not None:
             ax.axhline(dense, color="k", linestyle="--", linewidth=1, label="dense")
-        ax.set_xlabel("global sparsity" if panel == "pruning" else "bits per weight")
+        per_layer = (d.get("settings") or {}).get("scope") == "layer"
+        sparsity = "sparsity of every layer" if per_layer else "global sparsity"
+        ax.set_xlabel(sparsity if panel == "pruning" else "bits per weight")
         ax.set_ylabel("test " + metric)
         ax.set_title("pruning, no fine-tuning" if panel == "pruning" else "quantization")
         ax.grid(alpha=0.3)

@@ -26,7 +26,7 @@ def _figure(ax: Any, figsize: tuple[float, float]):
 def _save(fig: Any, path: str | Path | None, dpi: int = 120) -> None:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        fig.savefig(path, dpi=dpi, pil_kwargs={"compress_level": 1})
 
 
 def plot_loss_slice(

@@ -28,7 +28,7 @@ def _save(fig: Any, path: str | Path | None) -> None:
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, pil_kwargs={"compress_level": 1})  # 1/3 faster, +20% size
 
 
 def plot_spectral_density(
@@ -80,7 +80,13 @@ def plot_spectral_density(
     )
     ax.plot(g, d, color="tab:blue", lw=1.2, label="SLQ density")
     if log_scale:
+        from matplotlib.ticker import LogFormatter, NullLocator
+
         ax.set_yscale("log", nonpositive="clip")
+        # plain "1e-05" labels and no minor ticks: the default mathtext labels and ~100
+        # minor ticks cost ~0.25 s per figure
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_locator(NullLocator())
         top = float(d.max()) if d.size else 1.0
         ax.set_ylim(top * 1e-6, top * 3)
         ax.set_ylabel("density of log10(eigenvalue)  (log axis)")

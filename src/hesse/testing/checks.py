@@ -52,12 +52,13 @@ def _functional_loss(
             state[name] = theta[i : i + s.numel()].reshape(s)
             i += s.numel()
         state.update(buffers)
-        was = model.training
+        flags = [(m, m.training) for m in model.modules()]
         model.train(train_mode)
         try:
             return torch.func.functional_call(model, state, args)
         finally:
-            model.train(was)
+            for m, was in flags:  # each module's own flag (a frozen eval-mode part stays so)
+                m.training = was
 
     return (lambda theta: loss_fn(model_fn(theta), y)), theta0, model_fn
 
