@@ -619,9 +619,7 @@ def top_eigenpairs(
         verify = 0 if v0 is not None else 3 * (b + 1)
     else:
         verify = check_int(verify_matvecs, "verify_matvecs", minimum=0)
-    solver = _ThickRestartLanczos(
-        op, k, which, tol, criterion, budget, b, m, bdtype, g, Q0, verify
-    )
+    solver = _ThickRestartLanczos(op, k, which, tol, criterion, budget, b, m, bdtype, g, Q0, verify)
     config = None
     if checkpoint is not None:
         check_int(checkpoint_every, "checkpoint_every")
