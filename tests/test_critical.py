@@ -116,7 +116,12 @@ def test_model_classification_large_problem_uses_lanczos_and_density():
     assert cp.lambda_min == pytest.approx(float(ev[0]), rel=1e-6)
     assert cp.kind == "saddle"  # random init of a tanh net: indefinite Hessian
     true_frac = float((ev < -cp.threshold).double().mean())
-    assert abs(cp.negative_fraction - true_frac) < max(4 * cp.negative_stderr, 0.05)
+    # 4 probes x 32 nodes cannot tell on which side of a threshold near 0 the mass within
+    # ~1e-3 of the spectral range lies (here the 11% null space): it adds to the slack
+    # (about 1 in 3 generator seeds failed the bare stderr bound)
+    unresolved = float((ev.abs() <= 1e-3 * ev.abs().max()).double().mean())
+    err = abs(cp.negative_fraction - true_frac)
+    assert err < max(4 * cp.negative_stderr, 0.05) + unresolved
 
 
 @pytest.mark.parametrize("factor, converges", [(0.99, True), (1.01, False)])
