@@ -54,7 +54,14 @@ class CriticalPoint(Serializable):
         threshold: eigenvalues within ``+-threshold`` count as zero
             (``eig_tol * max(|lambda_min|, |lambda_max|)``).
         negative_fraction: estimated fraction of eigenvalues below ``-threshold`` (exact for
-            small problems, from the spectral density otherwise), with ``negative_stderr``.
+            small problems, from the spectral density otherwise), with ``negative_stderr``
+            (spread over the density's probes) and ``negative_resolution``: the quadrature
+            cannot tell on which side of ``-threshold`` the mass of its nearest nodes lies
+            (a null space or a bulk at the threshold). By the Chebyshev-Markov-Stieltjes
+            inequalities each probe's count is within the weight of the node on either
+            side of ``-threshold``; ``negative_resolution`` is the mean of the larger one, so
+            the error is within about ``2 * negative_stderr + negative_resolution``. Both are
+            0 when exact.
         index: estimated count of negative eigenvalues (``negative_fraction * n``; the Morse
             index at a nondegenerate saddle).
         escape_direction: ``(n,)`` unit eigenvector of ``lambda_min`` (the direction to leave
@@ -77,6 +84,7 @@ class CriticalPoint(Serializable):
     eig_tol: float
     num_matvecs: int
     exact: bool
+    negative_resolution: float = 0.0
 
     @property
     def is_critical(self) -> bool:
@@ -110,6 +118,18 @@ def _extremes(
     res = top_eigenpairs(A, k=1, which="both_ends", tol=tol, generator=generator)
     lam_max, lam_min = res.eigenvalues[0], res.eigenvalues[1]
     return res.eigenvalues, torch.stack([lam_min, lam_max]), res.eigenvectors[:, 1], False
+
+
+def _threshold_resolution(nodes: Tensor, weights: Tensor, t: float) -> float:
+    """Mean over probes of the larger weight of the two quadrature nodes around ``t``: by the
+    Chebyshev-Markov-Stieltjes inequalities, how far each probe's Gauss-quadrature count of
+    the mass below ``t`` can be from its spectral measure's."""
+    order = nodes.argsort(dim=1)
+    x, w = nodes.gather(1, order), weights.gather(1, order).double()
+    below = (x < t).sum(1)  # index of the first node at or above t
+    idx = torch.arange(x.shape[1], device=x.device)
+    near = (idx == (below - 1).unsqueeze(1)) | (idx == below.unsqueeze(1))
+    return float((w * near).amax(1).mean())
 
 
 def classify_critical_point(
@@ -189,6 +209,7 @@ def classify_critical_point(
     lam_min, lam_max = float(lam_min), float(lam_max)
     thr = eig_tol * max(abs(lam_min), abs(lam_max))
     n = A.shape[0]
+    neg_res = 0.0
     if exact:
         neg_frac, neg_err = float((evals < -thr).double().mean()), 0.0
     elif lam_min >= -thr:
@@ -203,6 +224,7 @@ def classify_critical_point(
             if per_probe.numel() > 1
             else float("nan")
         )
+        neg_res = _threshold_resolution(density.nodes, density.weights, -thr)
     if gnorm > grad_tol:
         kind = "not_critical"
     elif lam_min > thr:
@@ -221,6 +243,7 @@ def classify_critical_point(
         threshold=thr,
         negative_fraction=neg_frac,
         negative_stderr=neg_err,
+        negative_resolution=neg_res,
         index=neg_frac * n,
         escape_direction=vmin if lam_min < -thr else None,
         grad_tol=grad_tol,
@@ -297,7 +320,8 @@ class SpectrumSummary(Serializable):
         near_null_fraction: fraction of eigenvalues with ``|lambda| <= condition_threshold``.
         negative_fraction: fraction below ``-condition_threshold``; ``nan`` for a GGN/Fisher
             density (``psd``: negative eigenvalues are impossible by construction, so the
-            spectrum cannot say anything about them).
+            spectrum cannot say anything about them), with ``negative_resolution`` (the
+            quadrature's own uncertainty at the threshold, as in :class:`CriticalPoint`).
         null_tol: the relative threshold used.
         psd: the density is of an operator that is PSD by construction (GGN, Fisher).
         *_stderr: standard errors across SLQ probes.
@@ -318,6 +342,7 @@ class SpectrumSummary(Serializable):
     condition_number_is_lower_bound: bool = False
     condition_threshold: float = math.nan
     psd: bool = False
+    negative_resolution: float = math.nan
 
     def condition_number_text(self, fmt: str = ".3g") -> str:
         """``"123"`` or ``"> 1e+03"`` (a lower bound), for printing."""
@@ -394,6 +419,7 @@ def spectrum_summary(
         condition_number_is_lower_bound=bool(unresolved and lam_max > 0),
         condition_threshold=thr,
         psd=psd,
+        negative_resolution=math.nan if psd else _threshold_resolution(nodes, w, -thr),
     )
 
 
