@@ -16,7 +16,7 @@ on the fly from the training forward passes:
   row as a valid target.
 
 Both are kept as exponential running averages and inverted through eigendecompositions
-(float64) every ``inverse_update_interval`` steps.
+every ``inverse_update_interval`` steps (in the factors' dtype, float64 if float32 fails).
 """
 
 from __future__ import annotations
@@ -358,7 +358,7 @@ class KFACPreconditioner:
         """Recompute the eigendecompositions of all factors (of the nearest Kronecker product
         of the terms of a tied weight's uses)."""
         self._eig = [
-            None if t is None else eigen_factors(*nearest_kronecker(t))
+            None if t is None else eigen_factors(*nearest_kronecker(t), working_dtype=torch.float32)
             for t in self._layer_factors()
         ]
 
@@ -409,6 +409,10 @@ class KFACPreconditioner:
                 statistics are discarded and nothing else changes (see :mod:`hesse.optim`).
         """
         self.check_finite()
+        return self._step()
+
+    def _step(self) -> Tensor | None:
+        """:meth:`step` after :meth:`check_finite`."""
         if self.steps % self.factor_update_interval == 0:
             self.update_factors()
         if self.steps % self.inverse_update_interval == 0 or any(
@@ -420,15 +424,19 @@ class KFACPreconditioner:
         self._rng = self.generator.get_state()
         return nu
 
-    def check_finite(self) -> None:
+    def check_finite(self, others: list[Tensor | None] | tuple = ()) -> None:
         """Raise :class:`~hesse.NonFiniteError` (after :meth:`discard_pending`) if a gradient
-        of a factored layer or a statistic recorded since the last step is not finite."""
+        of a factored layer, a statistic recorded since the last step or one of ``others``
+        (further gradients, checked in the same pass) is not finite."""
 
         def finite(t: Tensor | None) -> bool:
             return t is None or bool(torch.isfinite(t).all())
 
         tensors = (
-            [p.grad for layer in self.layers for p in layer.params] + self._A_sum + self._G_sum
+            [p.grad for layer in self.layers for p in layer.params]
+            + self._A_sum
+            + self._G_sum
+            + list(others)
         )
         if all_finite(tensors):
             return
@@ -441,12 +449,17 @@ class KFACPreconditioner:
             for i, use in enumerate(self.uses)  # statistics are per use (tied weights)
             if not (finite(self._A_sum[i]) and finite(self._G_sum[i]))
         ]
+        self.discard_pending()
         if bad:
-            self.discard_pending()
             raise NonFiniteError(
                 f"Non-finite gradient or K-FAC statistic (NaN/inf) in layers {bad}; the "
                 "statistics of this step were discarded, parameters and factors are unchanged."
             )
+        t = next(t for t in others if not finite(t))
+        raise NonFiniteError(
+            f"Non-finite gradient of a parameter {tuple(t.shape)}; the K-FAC statistics of "
+            "this step were discarded, parameters and factors are unchanged."
+        )
 
     def discard_pending(self) -> None:
         """Forget the statistics recorded since the last step and rewind the generator."""
@@ -605,16 +618,14 @@ class KFAC(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        pre = self.preconditioner
         try:  # a non-finite loss, gradient or statistic raises before anything is written
             loss = closure_loss(closure)
-            self.preconditioner.check_finite()
-            grads = [p.grad for p in self._params()]
-            if not all_finite(grads):
-                p = next(p for p, g in zip(self._params(), grads) if not all_finite([g]))
-                raise NonFiniteError(f"Non-finite gradient of a parameter {tuple(p.shape)}.")
         except NonFiniteError:
-            self.preconditioner.discard_pending()
+            pre.discard_pending()
             raise
+        factored = {p for layer in pre.layers for p in layer.params}
+        pre.check_finite([p.grad for p in self._params() if p not in factored])
         for group in self.param_groups:
             check_positive(group["lr"], "lr")
             wd = group["weight_decay"]
@@ -622,14 +633,13 @@ class KFAC(Optimizer):
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.add_(p, alpha=wd)
-        pre = self.preconditioner
         pre.damping = check_positive(self.param_groups[0]["damping"], "damping")
         pre.lr = self.param_groups[0]["lr"]
         T = self.adapt_damping
         grads = None
         if T is not None and pre.steps % T == 0:
             grads = {p: p.grad.clone() for p in self._params() if p.grad is not None}
-        pre.step()
+        pre._step()
         deltas = {}
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]

@@ -103,6 +103,8 @@ class Shampoo(Optimizer):
         graft_betas: tuple[float, float] = (0.9, 0.999),
         graft_eps: float = 1e-8,
         max_preconditioner_dim: int = 2048,
+        precondition_1d: bool = True,
+        statistics_interval: int = 1,
         root_method: str = "eigh",
         exponent_override: int | None = None,
     ):
@@ -117,6 +119,8 @@ class Shampoo(Optimizer):
             graft_betas=tuple(graft_betas),
             graft_eps=graft_eps,
             max_preconditioner_dim=max_preconditioner_dim,
+            precondition_1d=precondition_1d,
+            statistics_interval=statistics_interval,
             root_method=root_method,
             exponent_override=exponent_override,
         )
@@ -143,6 +147,9 @@ class Shampoo(Optimizer):
                 raise ValueError(f"Invalid graft_betas={b!r}; graft_betas[{i}] must lie in [0, 1).")
         check_positive(group["graft_eps"], "graft_eps")
         check_int(group["max_preconditioner_dim"], "max_preconditioner_dim")
+        if not isinstance(group["precondition_1d"], bool):
+            raise TypeError(f"precondition_1d must be a bool, got {group['precondition_1d']!r}.")
+        check_int(group["statistics_interval"], "statistics_interval")
         check_choice(group["root_method"], "root_method", ("eigh", "newton"))
         if group["exponent_override"] is not None:
             check_int(group["exponent_override"], "exponent_override")
@@ -150,6 +157,8 @@ class Shampoo(Optimizer):
     def _fresh_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         st: dict[str, Any] = {"step": 0}
         dims = [i for i, d in enumerate(p.shape) if 1 < d <= group["max_preconditioner_dim"]]
+        if p.ndim == 1 and not group["precondition_1d"]:
+            dims = []
         st["dims"] = dims
         st["stats"] = [
             torch.zeros(p.shape[i], p.shape[i], dtype=p.dtype, device=p.device) for i in dims
@@ -170,7 +179,7 @@ class Shampoo(Optimizer):
         and state unchanged.
         """
         loss = _closure_loss(closure)
-        todo = []
+        work = []
         for group in self.param_groups:
             self._validate(group)
             for p in group["params"]:
@@ -178,80 +187,104 @@ class Shampoo(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise NotImplementedError("Shampoo does not support sparse gradients.")
-                todo.append((group, p))
-        if not all_finite([p.grad for _, p in todo]):  # one sync; the slow path names it
-            for _, p in todo:
+                work.append((group, p, *self._new_statistics(p, group)))
+        # one pass over everything new (a fresh root only on its update step)
+        new = [t for _, p, _, stats, _, fresh in work for t in [p.grad, *stats] + fresh]
+        if not all_finite(new):  # the slow path names the culprit
+            for _, p, _, stats, _, fresh in work:
                 check_finite(
                     p.grad, f"the gradient of a parameter of shape {tuple(p.shape)} (Shampoo)"
                 )
-        work = [(group, p, self._new_statistics(p, group)) for group, p in todo]
-        new = [t for *_, (_, stats, roots) in work for t in stats + roots]
-        if not all_finite(new):
-            for *_, (_, stats, roots) in work:
-                for S, R in zip(stats, roots):
+                for S in stats:
                     check_finite(S, "a Shampoo statistic")
+                for R in fresh:
                     check_finite(R, "a Shampoo inverse root")
-        for group, p, (g, stats, roots) in work:
-            self._apply(p, group, g, stats, roots)
+        for group in self.param_groups:
+            items = [w[1:] for w in work if w[0] is group]
+            if items:
+                self._apply(group, items)
         return loss
 
     def _new_statistics(self, p: Tensor, group: dict[str, Any]):
-        """``(g, stats, roots)`` of this step, out of place (nothing is written)."""
+        """``(g, stats, roots, fresh roots)`` of this step, out of place (nothing written)."""
         st = self.state.get(p) or self._fresh_state(p, group)
         g = p.grad
         if group["weight_decay"]:
             g = g.add(p, alpha=group["weight_decay"])
         beta2 = group["beta2"]
-        stats = []
-        for j, i in enumerate(st["dims"]):
-            gram = _unfold_gram(g, i)
-            old = st["stats"][j]
-            stats.append(old * beta2 + gram * (1.0 - beta2) if beta2 < 1.0 else old + gram)
-        roots = list(st["roots"])
+        stats = list(st["stats"])
+        if st["step"] % group["statistics_interval"] == 0:
+            for j, i in enumerate(st["dims"]):
+                gram = _unfold_gram(g, i)
+                old = stats[j]
+                stats[j] = old * beta2 + gram * (1.0 - beta2) if beta2 < 1.0 else old + gram
+        roots, fresh = list(st["roots"]), []
         if st["step"] % group["update_interval"] == 0:
             root = group["exponent_override"] or 2 * max(p.ndim, 1)
-            roots = [
+            roots = fresh = [
                 matrix_inverse_root(S, root, eps=group["epsilon"], method=group["root_method"])
                 for S in stats
             ]
-        return g, stats, roots
+        return g, stats, roots, fresh
 
-    def _apply(self, p: Tensor, group: dict, g: Tensor, stats: list, roots: list) -> None:
-        st = self.state[p]
-        if not st:
-            st.update(self._fresh_state(p, group))
-        step = st["step"]
-        st["stats"], st["roots"] = stats, roots
-        P = g
-        for j, i in enumerate(st["dims"]):
-            P = _mode_product(roots[j], P, i)
+    def _apply(self, group: dict, items: list) -> None:
+        """Write the statistics and roots, then take the step for one group's parameters,
+        the elementwise work batched over them (``torch._foreach_*``)."""
+        ps, gs, dirs = [], [], []
+        for p, g, stats, roots, _ in items:
+            st = self.state[p]
+            if not st:
+                st.update(self._fresh_state(p, group))
+            st["stats"], st["roots"] = stats, roots
+            P = g if st["dims"] else g.clone()  # scaled in place below
+            for j, i in enumerate(st["dims"]):
+                P = _mode_product(roots[j], P, i)
+            ps.append(p)
+            gs.append(g)
+            dirs.append(P)
+        states = [self.state[p] for p in ps]
         graft = group["grafting"]
         if graft != "none":
             if graft == "sgd":
-                G_dir = g
+                G_dir = gs
             elif graft == "adagrad":
-                st["graft_sq"].addcmul_(g, g)
-                G_dir = g / (st["graft_sq"].sqrt() + group["graft_eps"])
+                sq = [st["graft_sq"] for st in states]
+                torch._foreach_addcmul_(sq, gs, gs)
+                denom = torch._foreach_sqrt(sq)
+                torch._foreach_add_(denom, group["graft_eps"])
+                G_dir = torch._foreach_div(gs, denom)
             else:
                 b1, b2 = group["graft_betas"]
-                st["graft_m"].mul_(b1).add_(g, alpha=1 - b1)
-                st["graft_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                mhat = st["graft_m"] / (1 - b1 ** (step + 1))
-                vhat = st["graft_sq"] / (1 - b2 ** (step + 1))
-                G_dir = mhat / (vhat.sqrt() + group["graft_eps"])
-            pn = P.norm()
-            scale = torch.where(pn > 0, G_dir.norm() / pn.clamp_min(1e-30), pn.new_zeros(()))
-            P = P * scale
+                m = [st["graft_m"] for st in states]
+                v = [st["graft_sq"] for st in states]
+                torch._foreach_lerp_(m, gs, 1 - b1)
+                torch._foreach_mul_(v, b2)
+                torch._foreach_addcmul_(v, gs, gs, value=1 - b2)
+                steps = [st["step"] + 1 for st in states]
+                denom = torch._foreach_div(v, [1 - b2**t for t in steps])
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, group["graft_eps"])
+                G_dir = torch._foreach_div(m, denom)
+                torch._foreach_div_(G_dir, [1 - b1**t for t in steps])
+            for P, gn, pn in zip(dirs, torch._foreach_norm(G_dir), torch._foreach_norm(dirs)):
+                P.mul_(torch.where(pn > 0, gn / pn.clamp_min(1e-30), pn.new_zeros(())))
         mom = group["momentum"]
         if mom:
-            buf = st.get("momentum_buffer")
-            if buf is None:
-                buf = st["momentum_buffer"] = P.clone()
-            else:
-                buf.mul_(mom).add_(P)
-            P = buf
-        p.add_(P, alpha=-group["lr"])
-        st["step"] = step + 1
+            bufs = []
+            for i, st in enumerate(states):
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    st["momentum_buffer"] = dirs[i] = dirs[i].clone()
+                else:
+                    bufs.append((buf, i))
+            if bufs:
+                torch._foreach_mul_([b for b, _ in bufs], mom)
+                torch._foreach_add_([b for b, _ in bufs], [dirs[i] for _, i in bufs])
+                for b, i in bufs:
+                    dirs[i] = b
+        torch._foreach_add_(ps, dirs, alpha=-group["lr"])
+        for st in states:
+            st["step"] += 1
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
