@@ -307,6 +307,46 @@ def test_running_average_intervals_and_kl_clip():
     assert float(nu_big) == 1.0
 
 
+def test_basis_update_interval_keeps_the_basis_and_refreshes_eigenvalues():
+    g = _gen(12)
+    model = _mlp()
+    loss_fn = nn.MSELoss()
+    batches = [
+        (torch.randn(6, 4, generator=g, dtype=DT), torch.randn(6, 3, generator=g, dtype=DT))
+        for _ in range(4)
+    ]
+    pre = KFACPreconditioner(
+        model, loss_fn, fisher="exact", damping=0.05, factor_decay=0.5, basis_update_interval=3
+    )
+    pre.inverse_update_interval = 1
+    bases = []
+    for X, y in batches:
+        model.zero_grad()
+        loss_fn(model(X), y).backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model[0].parameters()])
+        pre.step()
+        QL, dL, QR, dR = pre._eig[0]
+        bases.append((QL.clone(), QR.clone()))
+        # independently: the running factors, diagonalised in the kept basis
+        A, G = pre.factors[0]
+        dG = torch.diagonal(QL.T @ G @ QL).clamp_min(0)
+        dA = torch.diagonal(QR.T @ A @ QR).clamp_min(0)
+        assert rel(dL, dG) < 1e-12 and rel(dR, dA) < 1e-12
+        P = torch.kron(QL, QR)  # row-major vec of the (out, in + 1) weight matrix
+        K = P @ torch.diag(torch.kron(dG, dA)) @ P.T + 0.05 * torch.eye(P.shape[0], dtype=DT)
+        W = model[0].weight
+        gm = torch.cat([grads[: W.numel()].reshape(W.shape), grads[W.numel() :, None]], 1)
+        want = torch.linalg.solve(K, gm.reshape(-1)).reshape(gm.shape)
+        got = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1)
+        assert rel(got, want) < 1e-9
+    # full eigendecompositions at inverse updates 0 and 3; the basis kept at 1 and 2
+    assert all(torch.equal(bases[i][0], bases[0][0]) for i in (1, 2))
+    assert not torch.allclose(bases[3][0].abs(), bases[0][0].abs(), atol=1e-6)
+    # with a full update the eigenvalues are exact: Q diag(d) Q^T is the factor
+    QL, dL, _, _ = pre._eig[0]
+    assert rel((QL * dL) @ QL.T, pre.factors[0][1]) < 1e-10
+
+
 def test_preconditioner_under_torch_optimizer_mc_trains():
     g = _gen(12)
     model = _mlp(c=2)

@@ -78,6 +78,7 @@ def test_inverse_root_bad_input():
 
 # -- the Shampoo update -----------------------------------------------------------------
 def _one_step(p0, grad, **kw):
+    kw = {"exponent_override": None, "precondition_1d": True, **kw}  # the paper's Shampoo
     p = nn.Parameter(p0.clone())
     opt = Shampoo([p], **kw)
     p.grad = grad.clone()
@@ -118,6 +119,41 @@ def test_order3_tensor_uses_inverse_sixth_roots_and_vectors_square_roots():
     step = _one_step(v, gv, lr=1.0, momentum=0.0, grafting="none", epsilon=1e-2)
     ref = _np_root(np.outer(gv.numpy(), gv.numpy()), 2, 1e-2) @ gv.numpy()
     assert np.allclose(step.numpy(), ref, rtol=1e-10)
+
+
+def test_default_is_the_squared_preconditioner_and_vectors_follow_the_graft():
+    g = torch.Generator().manual_seed(8)
+    W, G = (torch.randn(5, 3, generator=g, dtype=DT) for _ in range(2))
+    p = nn.Parameter(W.clone())
+    with pytest.warns(UserWarning, match="exponent_override=None"):
+        opt = Shampoo([p], lr=1.0, momentum=0.0, grafting="none", epsilon=1e-3)
+    p.grad = G.clone()
+    opt.step()
+    ref = _np_root(G @ G.T, 2, 1e-3) @ G.numpy() @ _np_root(G.T @ G, 2, 1e-3)
+    assert np.allclose((W - p.detach()).numpy(), ref, rtol=1e-10)
+    # a vector is not preconditioned: the step is along its gradient, of Adam's length
+    v, gv = (torch.randn(6, generator=g, dtype=DT) for _ in range(2))
+    q = nn.Parameter(v.clone())
+    opt = Shampoo([q], lr=1.0, momentum=0.0)
+    q.grad = gv.clone()
+    opt.step()
+    assert opt.state[q]["dims"] == []
+    adam = gv / (gv.abs() + 1e-8)  # Adam's first step
+    want = gv * adam.norm() / gv.norm()
+    assert float(((v - q.detach()) - want).norm() / want.norm()) < 1e-10
+
+
+def test_statistics_interval_skips_statistics():
+    g = torch.Generator().manual_seed(9)
+    p = nn.Parameter(torch.randn(4, 3, generator=g, dtype=DT))
+    opt = Shampoo([p], statistics_interval=2, update_interval=1)
+    grads = [torch.randn(4, 3, generator=g, dtype=DT) for _ in range(3)]
+    for G in grads:
+        p.grad = G.clone()
+        opt.step()
+    L = opt.state[p]["stats"][0]
+    want = grads[0] @ grads[0].T + grads[2] @ grads[2].T  # steps 0 and 2 (beta2 = 1)
+    assert float((L - want).norm() / want.norm()) < 1e-12
 
 
 @pytest.mark.parametrize("grafting", ["sgd", "adagrad", "adam"])
@@ -171,7 +207,15 @@ def _closure(opt, f):
 
 def test_shampoo_converges_on_ill_conditioned_kronecker_quadratic():
     W, W_star, f = _quadratic()
-    opt = Shampoo([W], lr=0.3, momentum=0.9, grafting="none", epsilon=1e-12, update_interval=1)
+    opt = Shampoo(
+        [W],
+        lr=0.3,
+        momentum=0.9,
+        grafting="none",
+        epsilon=1e-12,
+        update_interval=1,
+        exponent_override=None,
+    )
     first = float(f().detach())
     for _ in range(300):
         opt.step(_closure(opt, f))
@@ -180,7 +224,7 @@ def test_shampoo_converges_on_ill_conditioned_kronecker_quadratic():
 
 def test_shampoo_converges_on_rosenbrock():
     x = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=DT))
-    opt = Shampoo([x], lr=1e-2, momentum=0.9, grafting="adam")
+    opt = Shampoo([x], lr=1e-2, momentum=0.9, grafting="adam", precondition_1d=True)
 
     def f():
         return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2

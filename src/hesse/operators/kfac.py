@@ -860,6 +860,22 @@ def eigen_factors(
     return cast(QL), dL.clamp_min(0).to(dt), cast(QR), dR.clamp_min(0).to(dt)
 
 
+def eigen_refresh(eig: tuple, L: Tensor, R: Tensor) -> tuple:
+    """``eig`` with its eigenbases kept and its eigenvalues replaced by those of the new
+    factors in them: ``d = diag(Q^T F Q)`` (clamped at 0), the closest (Frobenius) matrix to
+    ``F`` diagonal in the basis ``Q``; a diagonal (1-d) factor is taken as it is."""
+    check_finite(L, "a K-FAC factor")
+    check_finite(R, "a K-FAC factor")
+    QL, _, QR, _ = eig
+
+    def values(Q: Tensor | None, F: Tensor) -> Tensor:
+        if Q is None:
+            return F.clamp_min(0)
+        return ((F.to(Q.dtype) @ Q) * Q).sum(0).clamp_min(0)
+
+    return QL, values(QL, L), QR, values(QR, R)
+
+
 def eigen_quadratic(eig: tuple, mat: Tensor) -> Tensor:
     """``<M, L M R>``, the quadratic form of the undamped Kronecker term ``L (x) R`` (from
     its eigendecomposition ``eig``) at a batch ``M (k, rows, cols)``, summed over ``k``."""

@@ -44,6 +44,7 @@ from ..operators.kfac import (
     all_uses,
     eigen_factors,
     eigen_quadratic,
+    eigen_refresh,
     eigen_solve,
     find_kfac_layers,
     nearest_kronecker,
@@ -116,6 +117,10 @@ class KFACPreconditioner:
             ``"factored"`` (Martens & Grosse 2015, sec. 6.3).
         factor_decay: running-average weight ``rho`` in ``[0, 1)``.
         factor_update_interval, inverse_update_interval: in steps.
+        basis_update_interval: full eigendecompositions at every this many inverse updates;
+            at the others the eigenbases are kept and only the eigenvalues are refreshed,
+            ``d = diag(Q^T F Q)`` (the best approximation of the new factor ``F`` that is
+            diagonal in the old basis; one matrix product in place of an ``eigh``).
         kl_clip: trust bound on ``lr^2 <D, grad>`` (Ba et al. 2017), or ``None``.
         lr: learning rate used by ``kl_clip`` (set it to the optimizer's).
         unsupported: parameters K-FAC cannot factor (BatchNorm, LayerNorm, RMSNorm, ...):
@@ -141,6 +146,7 @@ class KFACPreconditioner:
         factor_decay: float = 0.95,
         factor_update_interval: int = 1,
         inverse_update_interval: int = 10,
+        basis_update_interval: int = 1,
         kl_clip: float | None = None,
         lr: float = 1.0,
         unsupported: str = "first_order",
@@ -168,6 +174,8 @@ class KFACPreconditioner:
         self.factor_decay = _check_decay(factor_decay, "factor_decay")
         self.factor_update_interval = check_int(factor_update_interval, "factor_update_interval")
         self.inverse_update_interval = check_int(inverse_update_interval, "inverse_update_interval")
+        self.basis_update_interval = check_int(basis_update_interval, "basis_update_interval")
+        self._inverse_updates = 0
         self.kl_clip = None if kl_clip is None else check_positive(kl_clip, "kl_clip")
         self.lr = check_positive(lr, "lr")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -186,6 +194,8 @@ class KFACPreconditioner:
             model, None, check_choice(unsupported, "unsupported", UNSUPPORTED_POLICIES)
         )
         self.uses = all_uses(self.layers)
+        named = dict(model.named_parameters())
+        self._skipped_list = [named[n] for n in self.skipped]
         self.steps = 0
         # running averages (A, G) per use; eigendecompositions per layer
         self.factors: list[tuple[Tensor, Tensor] | None] = [None] * len(self.uses)
@@ -356,11 +366,18 @@ class KFACPreconditioner:
     @torch.no_grad()
     def update_inverses(self) -> None:
         """Recompute the eigendecompositions of all factors (of the nearest Kronecker product
-        of the terms of a tied weight's uses)."""
-        self._eig = [
-            None if t is None else eigen_factors(*nearest_kronecker(t), working_dtype=torch.float32)
-            for t in self._layer_factors()
-        ]
+        of the terms of a tied weight's uses); see ``basis_update_interval``."""
+        full = self._inverse_updates % self.basis_update_interval == 0
+        self._inverse_updates += 1
+        eig = []
+        for old, t in zip(self._eig, self._layer_factors()):
+            if t is None:
+                eig.append(None)
+            elif full or old is None:
+                eig.append(eigen_factors(*nearest_kronecker(t), working_dtype=torch.float32))
+            else:
+                eig.append(eigen_refresh(old, *nearest_kronecker(t)))
+        self._eig = eig
 
     @torch.no_grad()
     def precondition(self) -> Tensor | None:
@@ -396,8 +413,7 @@ class KFACPreconditioner:
         return nu
 
     def _skipped_params(self) -> list[Tensor]:
-        named = dict(self.model.named_parameters())
-        return [named[n] for n in self.skipped]
+        return self._skipped_list
 
     def step(self) -> Tensor | None:
         """Update factors/inverses when due, then precondition the gradients in place.
@@ -415,8 +431,9 @@ class KFACPreconditioner:
         """:meth:`step` after :meth:`check_finite`."""
         if self.steps % self.factor_update_interval == 0:
             self.update_factors()
-        if self.steps % self.inverse_update_interval == 0 or any(
-            e is None and f is not None for e, f in zip(self._eig, self._layer_factors())
+        if self.steps % self.inverse_update_interval == 0 or (
+            any(e is None for e in self._eig)
+            and any(e is None and f is not None for e, f in zip(self._eig, self._layer_factors()))
         ):
             self.update_inverses()
         nu = self.precondition()
@@ -472,6 +489,7 @@ class KFACPreconditioner:
         return {
             "steps": self.steps,
             "factors": [None if f is None else (f[0].clone(), f[1].clone()) for f in self.factors],
+            "inverse_updates": self._inverse_updates,
             "eig": [
                 None if e is None else tuple(None if t is None else t.clone() for t in e)
                 for e in self._eig
@@ -498,6 +516,7 @@ class KFACPreconditioner:
             for e in state["eig"]
         ]
         self.generator.set_state(state["generator"])
+        self._inverse_updates = int(state.get("inverse_updates", 0))
         self.damping = float(state["damping"])
         self.lr = float(state["lr"])
         self._reset_pending()
