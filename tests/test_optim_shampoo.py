@@ -121,12 +121,14 @@ def test_order3_tensor_uses_inverse_sixth_roots_and_vectors_square_roots():
     assert np.allclose(step.numpy(), ref, rtol=1e-10)
 
 
-def test_default_is_the_squared_preconditioner_and_vectors_follow_the_graft():
+def test_exponent_two_squares_the_preconditioner_and_vectors_can_follow_the_graft():
     g = torch.Generator().manual_seed(8)
     W, G = (torch.randn(5, 3, generator=g, dtype=DT) for _ in range(2))
     p = nn.Parameter(W.clone())
     with pytest.warns(UserWarning, match="exponent_override=None"):
-        opt = Shampoo([p], lr=1.0, momentum=0.0, grafting="none", epsilon=1e-3)
+        opt = Shampoo(
+            [p], lr=1.0, momentum=0.0, grafting="none", epsilon=1e-3, exponent_override=2
+        )
     p.grad = G.clone()
     opt.step()
     ref = _np_root(G @ G.T, 2, 1e-3) @ G.numpy() @ _np_root(G.T @ G, 2, 1e-3)
@@ -134,7 +136,7 @@ def test_default_is_the_squared_preconditioner_and_vectors_follow_the_graft():
     # a vector is not preconditioned: the step is along its gradient, of Adam's length
     v, gv = (torch.randn(6, generator=g, dtype=DT) for _ in range(2))
     q = nn.Parameter(v.clone())
-    opt = Shampoo([q], lr=1.0, momentum=0.0)
+    opt = Shampoo([q], lr=1.0, momentum=0.0, precondition_1d=False)
     q.grad = gv.clone()
     opt.step()
     assert opt.state[q]["dims"] == []

@@ -550,7 +550,7 @@ class KFAC(Optimizer):
             # at the new p on the step's batch (one extra forward pass); no change when
             # the model predicts no decrease (a momentum-dominated step)
 
-    The defaults (``lr=0.3, damping=3e-2, adapt_damping=5, kl_clip=1e-3``, factors every 10
+    The defaults (``lr=0.3, damping=3e-2, adapt_damping=5, kl_clip=5e-4``, factors every 10
     steps) were chosen once for three tasks, with no tuning per task; see
     ``benchmarks/optimizers_kfac.py`` and ``benchmarks/README.md`` for where they match
     AdamW and where they do not.
@@ -567,7 +567,7 @@ class KFAC(Optimizer):
         damping: Tikhonov damping ``> 0``, the starting value when ``adapt_damping`` is set
             (per-optimizer; in ``param_groups[0]["damping"]``, schedulable there when fixed).
         weight_decay: L2 coefficient ``>= 0``, added to the gradient before preconditioning.
-        kl_clip: KL-clipping bound or ``None`` (default ``1e-3``).
+        kl_clip: KL-clipping bound or ``None`` (default ``5e-4``).
         adapt_damping: adapt ``damping`` every this many steps by the Levenberg-Marquardt rule
             of Martens & Grosse (2015, sec. 6.5), or ``None`` (fixed). It re-evaluates
             ``loss_fn`` at the new parameters on the last batch passed through the model and
@@ -600,7 +600,7 @@ class KFAC(Optimizer):
         momentum: float = 0.9,
         damping: float = 3e-2,
         weight_decay: float = 0.0,
-        kl_clip: float | None = 1e-3,
+        kl_clip: float | None = 5e-4,
         *,
         adapt_damping: int | None = 5,
         factor_update_interval: int = 10,
