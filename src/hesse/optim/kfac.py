@@ -550,8 +550,8 @@ class KFAC(Optimizer):
             # at the new p on the step's batch (one extra forward pass); no change when
             # the model predicts no decrease (a momentum-dominated step)
 
-    The defaults (``lr=0.3, damping=3e-2, adapt_damping=5, kl_clip=5e-4``, factors every 10
-    steps) were chosen once for three tasks, with no tuning per task; see
+    The defaults (``lr=0.3, damping=3e-2, adapt_damping=5, kl_clip=7e-4``, factors and
+    eigendecompositions every 20 steps) were chosen once for three tasks, with no tuning per task; see
     ``benchmarks/optimizers_kfac.py`` and ``benchmarks/README.md`` for where they match
     AdamW and where they do not.
 
@@ -567,7 +567,7 @@ class KFAC(Optimizer):
         damping: Tikhonov damping ``> 0``, the starting value when ``adapt_damping`` is set
             (per-optimizer; in ``param_groups[0]["damping"]``, schedulable there when fixed).
         weight_decay: L2 coefficient ``>= 0``, added to the gradient before preconditioning.
-        kl_clip: KL-clipping bound or ``None`` (default ``5e-4``).
+        kl_clip: KL-clipping bound or ``None`` (default ``7e-4``).
         adapt_damping: adapt ``damping`` every this many steps by the Levenberg-Marquardt rule
             of Martens & Grosse (2015, sec. 6.5), or ``None`` (fixed). It re-evaluates
             ``loss_fn`` at the new parameters on the last batch passed through the model and
@@ -575,10 +575,11 @@ class KFAC(Optimizer):
             was computed another way, the damping stays fixed (one warning). The current
             value is ``param_groups[0]["damping"]`` (saved by ``state_dict``), the last
             reduction ratio ``last_rho``. Default ``5`` (as Martens & Grosse's ``T_1``).
-        factor_update_interval, factor_decay: as in :class:`KFACPreconditioner`; here every
-            10 steps with weight 0.8 by default (the statistics are the costly part of a step
-            on small models).
-        **kwargs: ``fisher``, ``num_samples``, ``damping_mode``, ``inverse_update_interval``,
+        factor_update_interval, inverse_update_interval, factor_decay: as in
+            :class:`KFACPreconditioner`; here factors and eigendecompositions every 20 steps,
+            running-average weight 0.8 by default (on small models they are the costly part
+            of a step).
+        **kwargs: ``fisher``, ``num_samples``, ``damping_mode``, ``basis_update_interval``,
             ``unsupported``, ``generator`` as in :class:`KFACPreconditioner`.
 
     Example:
@@ -600,10 +601,11 @@ class KFAC(Optimizer):
         momentum: float = 0.9,
         damping: float = 3e-2,
         weight_decay: float = 0.0,
-        kl_clip: float | None = 5e-4,
+        kl_clip: float | None = 7e-4,
         *,
         adapt_damping: int | None = 5,
-        factor_update_interval: int = 10,
+        factor_update_interval: int = 20,
+        inverse_update_interval: int = 20,
         factor_decay: float = 0.8,
         model: nn.Module | None = None,
         **kwargs: Any,
@@ -631,6 +633,7 @@ class KFAC(Optimizer):
             kl_clip=kl_clip,
             lr=lr,
             factor_update_interval=factor_update_interval,
+            inverse_update_interval=inverse_update_interval,
             factor_decay=factor_decay,
             **kwargs,
         )
