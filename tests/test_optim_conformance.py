@@ -121,7 +121,7 @@ _OPTIMIZERS_UNDER_TEST = [
         "generator": _gen()}, {"rho": 0.0, "update_interval": 0, "weight_decay": -0.1},
         steps=300, rtol=1e-3, id="SophiaH"),
     Row(Shampoo, {"lr": 0.3, "momentum": 0.5, "grafting": "none", "epsilon": 1e-12,
-        "update_interval": 1, "exponent_override": None, "precondition_1d": True},
+        "update_interval": 1, "statistics_interval": 1},
         {"lr": -1.0, "epsilon": 0.0, "grafting": "rmsprop", "graft_betas": (0.9, 1.0)},
         steps=300, rtol=1e-3, faults=FIRST_ORDER, closure_required=False, id="Shampoo"),
     Row(KFAC, {**EXACT, "lr": 1.0, "momentum": 0.0, "damping": 1e-10, "kl_clip": None},

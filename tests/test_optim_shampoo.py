@@ -78,7 +78,7 @@ def test_inverse_root_bad_input():
 
 # -- the Shampoo update -----------------------------------------------------------------
 def _one_step(p0, grad, **kw):
-    kw = {"exponent_override": None, "precondition_1d": True, **kw}  # the paper's Shampoo
+    kw = {"exponent_override": None, "statistics_interval": 1, **kw}  # the paper's Shampoo
     p = nn.Parameter(p0.clone())
     opt = Shampoo([p], **kw)
     p.grad = grad.clone()
@@ -125,9 +125,15 @@ def test_exponent_two_squares_the_preconditioner_and_vectors_can_follow_the_graf
     g = torch.Generator().manual_seed(8)
     W, G = (torch.randn(5, 3, generator=g, dtype=DT) for _ in range(2))
     p = nn.Parameter(W.clone())
-    with pytest.warns(UserWarning, match="exponent_override=None"):
+    with pytest.warns(UserWarning, match="exponent_override=None, statistics_interval=1"):
         opt = Shampoo(
-            [p], lr=1.0, momentum=0.0, grafting="none", epsilon=1e-3, exponent_override=2
+            [p],
+            lr=1.0,
+            momentum=0.0,
+            grafting="none",
+            epsilon=1e-3,
+            exponent_override=2,
+            statistics_interval=1,
         )
     p.grad = G.clone()
     opt.step()
@@ -148,7 +154,7 @@ def test_exponent_two_squares_the_preconditioner_and_vectors_can_follow_the_graf
 def test_statistics_interval_skips_statistics():
     g = torch.Generator().manual_seed(9)
     p = nn.Parameter(torch.randn(4, 3, generator=g, dtype=DT))
-    opt = Shampoo([p], statistics_interval=2, update_interval=1)
+    opt = Shampoo([p], statistics_interval=2, update_interval=1)  # grafted: no warning
     grads = [torch.randn(4, 3, generator=g, dtype=DT) for _ in range(3)]
     for G in grads:
         p.grad = G.clone()
@@ -216,7 +222,7 @@ def test_shampoo_converges_on_ill_conditioned_kronecker_quadratic():
         grafting="none",
         epsilon=1e-12,
         update_interval=1,
-        exponent_override=None,
+        statistics_interval=1,
     )
     first = float(f().detach())
     for _ in range(300):
@@ -226,7 +232,7 @@ def test_shampoo_converges_on_ill_conditioned_kronecker_quadratic():
 
 def test_shampoo_converges_on_rosenbrock():
     x = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=DT))
-    opt = Shampoo([x], lr=1e-2, momentum=0.9, grafting="adam", precondition_1d=True)
+    opt = Shampoo([x], lr=1e-2, momentum=0.9, grafting="adam", statistics_interval=1)
 
     def f():
         return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
