@@ -551,9 +551,9 @@ class KFAC(Optimizer):
             # the model predicts no decrease (a momentum-dominated step)
 
     The defaults (``lr=0.3, damping=3e-2, adapt_damping=5, kl_clip=7e-4``, factors and
-    eigendecompositions every 20 steps) were chosen once for three tasks, with no tuning per task; see
-    ``benchmarks/optimizers_kfac.py`` and ``benchmarks/README.md`` for where they match
-    AdamW and where they do not.
+    eigendecompositions every 20 steps) were chosen once for three tasks, with no tuning per
+    task; ``benchmarks/optimizers_kfac.py`` and ``benchmarks/README.md`` compare them with
+    AdamW (3 seeds per task).
 
     Note:
         ``step`` overwrites ``p.grad`` with the preconditioned direction ``d``.
