@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -162,6 +163,27 @@ def test_statistics_interval_skips_statistics():
     L = opt.state[p]["stats"][0]
     want = grads[0] @ grads[0].T + grads[2] @ grads[2].T  # steps 0 and 2 (beta2 = 1)
     assert float((L - want).norm() / want.norm()) < 1e-12
+
+
+def test_state_saved_before_the_new_options_resumes_with_the_old_behaviour():
+    g = torch.Generator().manual_seed(10)
+    grads = [torch.randn(3, 2, generator=g, dtype=DT) for _ in range(3)]
+    ref = nn.Parameter(torch.ones(3, 2, dtype=DT))
+    opt = Shampoo([ref], statistics_interval=1, precondition_1d=True)
+    ref.grad = grads[0].clone()
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())  # as saved to disk
+    for group in sd["param_groups"]:  # as an older hesse saved it
+        del group["precondition_1d"], group["statistics_interval"]
+    p = nn.Parameter(ref.detach().clone())
+    resumed = Shampoo([p])
+    resumed.load_state_dict(sd)
+    assert resumed.param_groups[0]["statistics_interval"] == 1
+    for G in grads[1:]:
+        for q, o in ((ref, opt), (p, resumed)):
+            q.grad = G.clone()
+            o.step()
+    assert torch.equal(p, ref)
 
 
 @pytest.mark.parametrize("grafting", ["sgd", "adagrad", "adam"])

@@ -19,6 +19,8 @@ from .kfac import all_finite
 __all__ = ["Shampoo"]
 
 GRAFTING = ("adam", "adagrad", "sgd", "none")
+# hyperparameters added after states were first saved, with the values of that behaviour
+OLD_STATE_DEFAULTS = {"precondition_1d": True, "statistics_interval": 1}
 
 
 def _check_unit(value: float, name: str, *, closed: bool = False) -> float:
@@ -91,9 +93,8 @@ class Shampoo(Optimizer):
             for ``statistics_interval > 1``).
 
     The defaults (the paper's exponents, statistics every 5 steps and roots every 10, Adam
-    grafting, ``lr=5e-3``)
-    were checked on three tasks (a causal transformer, a CNN, a tanh autoencoder) against
-    AdamW, with no tuning per task: ``benchmarks/optimizers_kfac.py`` and
+    grafting, ``lr=5e-3``) were checked on three tasks (a causal transformer, a CNN, a tanh
+    autoencoder) against AdamW, with no tuning per task: ``benchmarks/optimizers_kfac.py`` and
     ``benchmarks/README.md``, which also give ``exponent_override=2,
     precondition_1d=False`` (faster there, slower on a digits MLP).
 
@@ -325,5 +326,9 @@ class Shampoo(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
+            # saved before these options existed: keep that behaviour (every step, vectors too)
+            groups = [{**OLD_STATE_DEFAULTS, **g} for g in state_dict["param_groups"]]
+            state_dict = {**state_dict, "param_groups": groups}
         check_state_dict(self, state_dict, ("state", "param_groups"), self.defaults)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_TAG})
