@@ -262,14 +262,19 @@ def test_preconditioner_factored_damping_formula():
     assert rel(got, want) < 1e-10
 
 
+def _mse_batches(g, count, rows):
+    """``count`` regression batches ``(X (rows, 4), Y (rows, 3))`` for :func:`_mlp`."""
+    return [
+        (torch.randn(rows, 4, generator=g, dtype=DT), torch.randn(rows, 3, generator=g, dtype=DT))
+        for _ in range(count)
+    ]
+
+
 def test_running_average_intervals_and_kl_clip():
     g = _gen(11)
     model = _mlp()
     loss_fn = nn.MSELoss()
-    batches = [
-        (torch.randn(5, 4, generator=g, dtype=DT), torch.randn(5, 3, generator=g, dtype=DT))
-        for _ in range(3)
-    ]
+    batches = _mse_batches(g, 3, 5)
     pre = KFACPreconditioner(
         model,
         loss_fn,
@@ -311,10 +316,7 @@ def test_basis_update_interval_keeps_the_basis_and_refreshes_eigenvalues():
     g = _gen(12)
     model = _mlp()
     loss_fn = nn.MSELoss()
-    batches = [
-        (torch.randn(6, 4, generator=g, dtype=DT), torch.randn(6, 3, generator=g, dtype=DT))
-        for _ in range(4)
-    ]
+    batches = _mse_batches(g, 4, 6)
     pre = KFACPreconditioner(
         model, loss_fn, fisher="exact", damping=0.05, factor_decay=0.5, basis_update_interval=3
     )

@@ -194,6 +194,7 @@ class KFACPreconditioner:
             model, None, check_choice(unsupported, "unsupported", UNSUPPORTED_POLICIES)
         )
         self.uses = all_uses(self.layers)
+        self.factored_params = {p for layer in self.layers for p in layer.params}
         named = dict(model.named_parameters())
         self._skipped_list = [named[n] for n in self.skipped]
         self.steps = 0
@@ -646,8 +647,7 @@ class KFAC(Optimizer):
         except NonFiniteError:
             pre.discard_pending()
             raise
-        factored = {p for layer in pre.layers for p in layer.params}
-        pre.check_finite([p.grad for p in self._params() if p not in factored])
+        pre.check_finite([p.grad for p in self._params() if p not in pre.factored_params])
         for group in self.param_groups:
             check_positive(group["lr"], "lr")
             wd = group["weight_decay"]

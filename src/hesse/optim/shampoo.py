@@ -222,17 +222,14 @@ class Shampoo(Optimizer):
                 if p.grad.is_sparse:
                     raise NotImplementedError("Shampoo does not support sparse gradients.")
                 work.append((group, p, *self._new_statistics(p, group)))
-        # one pass over everything new (a fresh root only on its update step)
-        new = [t for _, p, _, stats, _, fresh in work for t in [p.grad, *stats] + fresh]
-        if not all_finite(new):  # the slow path names the culprit
-            for _, p, _, stats, _, fresh in work:
+        # one pass over what is new this step: gradients, updated statistics, fresh roots
+        if not all_finite([t for _, p, *_, new in work for t in [p.grad, *(t for t, _ in new)]]):
+            for _, p, *_, new in work:  # the slow path names the culprit
                 check_finite(
                     p.grad, f"the gradient of a parameter of shape {tuple(p.shape)} (Shampoo)"
                 )
-                for S in stats:
-                    check_finite(S, "a Shampoo statistic")
-                for R in fresh:
-                    check_finite(R, "a Shampoo inverse root")
+                for t, what in new:
+                    check_finite(t, what)
         for group in self.param_groups:
             items = [w[1:] for w in work if w[0] is group]
             if items:
@@ -240,26 +237,28 @@ class Shampoo(Optimizer):
         return loss
 
     def _new_statistics(self, p: Tensor, group: dict[str, Any]):
-        """``(g, stats, roots, fresh roots)`` of this step, out of place (nothing written)."""
+        """``(g, stats, roots, new)`` of this step, out of place (nothing written); ``new``
+        lists ``(tensor, what)`` for the statistics and roots computed this step."""
         st = self.state.get(p) or self._fresh_state(p, group)
         g = p.grad
         if group["weight_decay"]:
             g = g.add(p, alpha=group["weight_decay"])
         beta2 = group["beta2"]
-        stats = list(st["stats"])
+        stats, roots, new = list(st["stats"]), list(st["roots"]), []
         if st["step"] % group["statistics_interval"] == 0:
             for j, i in enumerate(st["dims"]):
                 gram = _unfold_gram(g, i)
                 old = stats[j]
                 stats[j] = old * beta2 + gram * (1.0 - beta2) if beta2 < 1.0 else old + gram
-        roots, fresh = list(st["roots"]), []
+            new += [(S, "a Shampoo statistic") for S in stats]
         if st["step"] % group["update_interval"] == 0:
             root = group["exponent_override"] or 2 * max(p.ndim, 1)
-            roots = fresh = [
+            roots = [
                 matrix_inverse_root(S, root, eps=group["epsilon"], method=group["root_method"])
                 for S in stats
             ]
-        return g, stats, roots, fresh
+            new += [(R, "a Shampoo inverse root") for R in roots]
+        return g, stats, roots, new
 
     def _apply(self, group: dict, items: list) -> None:
         """Write the statistics and roots, then take the step for one group's parameters,
